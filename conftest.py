@@ -1,0 +1,1 @@
+pytest_plugins = ["leadwerk_platform.testing.plugin"]

@@ -1,0 +1,1 @@
+"""Kafka runtime: client configuration, publisher, consumer loop and topic provisioning."""

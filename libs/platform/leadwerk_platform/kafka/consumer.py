@@ -1,0 +1,187 @@
+"""The consumer loop every plain-aiokafka consumer runs.
+
+Policy (see docs/decisions/0004-consumer-commit-policy.md):
+
+* offsets are committed manually, after the handler returned for every message of a batch, so
+  effects are durable before the offset moves (at-least-once; handlers are idempotent);
+* a message that can never be processed (:class:`InvalidMessageError`) is copied to the topic's
+  dead-letter topic with its origin in ``x-leadwerk-dlq-*`` headers, and the loop goes on;
+  more than ``dead_letter_limit`` dead letters within ``dead_letter_window`` seconds stop the
+  consumer instead (something is systematically wrong);
+* any other exception is transient: retried with exponential back-off, then the consumer stops
+  without committing the failed message, so a restart picks it up again;
+* :meth:`ConsumerRuntime.stop` (wired to SIGTERM) finishes the batch in hand, commits and
+  leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode, format_timestamp
+from leadwerk_platform.kafka.config import consumer_options
+from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
+from leadwerk_platform.settings import PlatformSettings
+
+logger = logging.getLogger(__name__)
+
+DLQ_HEADER_PREFIX = "x-leadwerk-dlq-"
+
+
+class DeadLetterLimitExceededError(RuntimeError):
+    """Too many dead letters in too short a time: stop rather than dead-letter everything."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumedMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    envelope: Envelope
+
+
+Handler = Callable[[ConsumedMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ConsumerPolicy:
+    dead_letter_limit: int = 100
+    dead_letter_window: float = 60.0
+    max_retries: int = 5
+    retry_backoff: float = 0.2
+    retry_backoff_max: float = 10.0
+    publish_timeout: float = 10.0
+
+
+class ConsumerRuntime:
+    """Runs ``handler`` over ``topics`` (registry names) for one consumer group."""
+
+    def __init__(
+        self,
+        settings: PlatformSettings,
+        *,
+        group_id: str,
+        topics: dict[str, str],
+        handler: Handler,
+        dead_letter_publisher: Publisher,
+        policy: ConsumerPolicy | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        """``topics`` maps each consumed registry topic to its dead-letter topic."""
+        self._settings = settings
+        self._group_id = group_id
+        self._dead_letter_topics = {settings.topic(t): settings.topic(d) for t, d in topics.items()}
+        self._handler = handler
+        self._publisher = dead_letter_publisher
+        self._policy = policy or ConsumerPolicy()
+        self._client_id = client_id or group_id
+        self._stopping = asyncio.Event()
+        self._dead_letters: collections.deque[float] = collections.deque()
+        self._consumer: AIOKafkaConsumer | None = None
+        self.processed = 0
+        self.dead_lettered = 0
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand, commit and leave (safe from a signal)."""
+        self._stopping.set()
+
+    @property
+    def running(self) -> bool:
+        return self._consumer is not None
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            *self._dead_letter_topics,
+            **consumer_options(self._settings, self._group_id, self._client_id),
+        )
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            while not self._stopping.is_set():
+                batch = await consumer.getmany(timeout_ms=200)
+                for partition, records in batch.items():
+                    done = await self._process(partition, records)
+                    if done is not None:
+                        await consumer.commit({partition: OffsetAndMetadata(done + 1, "")})
+        finally:
+            self._consumer = None
+            await consumer.stop()  # leaves the group
+
+    async def _process(self, partition: TopicPartition,
+                       records: list[ConsumerRecord[bytes, bytes]]) -> int | None:
+        """Handle records in order; return the last offset whose effects are durable."""
+        last_done: int | None = None
+        for record in records:
+            try:
+                await self._handle_with_retries(record)
+            except InvalidMessageError as error:
+                await self._dead_letter(record, error)
+            except BaseException:
+                if last_done is not None and self._consumer is not None:
+                    await self._consumer.commit({partition: OffsetAndMetadata(last_done + 1, "")})
+                raise
+            last_done = record.offset
+        return last_done
+
+    async def _handle_with_retries(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        message = ConsumedMessage(
+            topic=record.topic, partition=record.partition, offset=record.offset,
+            key=record.key, value=record.value, headers=list(record.headers),
+            envelope=decode(record.value),
+        )
+        delay = self._policy.retry_backoff
+        for attempt in range(self._policy.max_retries + 1):
+            try:
+                await self._handler(message)
+            except InvalidMessageError:
+                raise
+            except Exception as error:
+                if attempt == self._policy.max_retries:
+                    logger.exception("handler failed, giving up; the consumer stops",
+                                     extra={"topic": record.topic, "offset": record.offset})
+                    raise
+                logger.warning("handler failed, retrying", extra={
+                    "topic": record.topic, "offset": record.offset, "attempt": attempt + 1,
+                    "error": repr(error)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._policy.retry_backoff_max)
+            else:
+                self.processed += 1
+                return
+
+    async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: Exception) -> None:
+        now = time.monotonic()
+        self._dead_letters.append(now)
+        while self._dead_letters and now - self._dead_letters[0] > self._policy.dead_letter_window:
+            self._dead_letters.popleft()
+        if len(self._dead_letters) > self._policy.dead_letter_limit:
+            raise DeadLetterLimitExceededError(
+                f"more than {self._policy.dead_letter_limit} dead letters within "
+                f"{self._policy.dead_letter_window}s on {record.topic}; stopping")
+        origin = {
+            "topic": record.topic, "partition": str(record.partition),
+            "offset": str(record.offset), "group": self._group_id,
+            "error": str(error)[:1000], "failed-at": format_timestamp(datetime.now(UTC)),
+        }
+        headers = [*record.headers,
+                   *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in origin.items())]
+        await self._publisher.publish(
+            [OutgoingMessage(self._dead_letter_topics[record.topic], record.key,
+                             record.value or b"", headers)],
+            timeout=self._policy.publish_timeout,
+        )
+        self.dead_lettered += 1
+        logger.warning("message dead-lettered", extra={k: v for k, v in origin.items()
+                                                       if k != "failed-at"})

@@ -1,0 +1,19 @@
+"""Run a service's HTTP app the same way everywhere (container, ``make run``, tests)."""
+
+from __future__ import annotations
+
+import uvicorn
+from fastapi import FastAPI
+
+from leadwerk_platform.logging import configure_logging
+from leadwerk_platform.settings import PlatformSettings
+
+
+def serve(app: FastAPI, settings: PlatformSettings, *, service: str, port: int,
+          forwarded_allow_ips: str = "127.0.0.1") -> None:
+    """Blocking: uvicorn with uvloop/httptools; SIGTERM drains in-flight requests, then the
+    lifespan closes producers and pools."""
+    configure_logging(service, settings.log_level, settings.log_format)
+    uvicorn.run(app, host=settings.host, port=port, log_config=None, access_log=False,
+                proxy_headers=True, forwarded_allow_ips=forwarded_allow_ips,
+                timeout_graceful_shutdown=20, server_header=False)

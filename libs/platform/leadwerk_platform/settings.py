@@ -1,0 +1,78 @@
+"""Typed settings shared by every service.
+
+Each service subclasses :class:`PlatformSettings` with its own fields. Values come from the
+environment (and an optional ``.env`` file); nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Placeholder secrets accepted only when ``LEADWERK_ENV=development``.
+DEVELOPMENT_SECRET_KEY = "leadwerk-development-secret-key-do-not-use-in-production"  # noqa: S105
+DEVELOPMENT_ADMIN_TOKEN = "leadwerk-development-admin-token"  # noqa: S105
+_MIN_SECRET_LENGTH = 32
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def repository_root() -> Path:
+    """The checkout this library lives in (used for the default config and schema folders)."""
+    return Path(__file__).resolve().parents[3]
+
+
+class PlatformSettings(BaseSettings):
+    """Settings every Leadwerk service reads."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    environment: Environment = Field(Environment.DEVELOPMENT, alias="LEADWERK_ENV")
+    database_url: SecretStr | None = Field(None, alias="DATABASE_URL")
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", alias="KAFKA_BOOTSTRAP_SERVERS")
+    #: Idempotent producer (and, where used, transactions). On for real Kafka; the embedded
+    #: broker supports neither, so the local stack turns it off.
+    kafka_idempotence: bool = Field(True, alias="LEADWERK_KAFKA_IDEMPOTENCE")
+    #: Prepended to every topic name from the registry (e.g. ``staging.``); tests use it to
+    #: isolate themselves on one broker.
+    kafka_topic_prefix: str = Field("", alias="LEADWERK_KAFKA_TOPIC_PREFIX")
+    config_dir: Path = Field(default_factory=lambda: repository_root() / "config",
+                             alias="LEADWERK_CONFIG_DIR")
+    schemas_dir: Path = Field(default_factory=lambda: repository_root() / "schemas",
+                              alias="LEADWERK_SCHEMAS_DIR")
+    admin_token: SecretStr = Field(SecretStr(DEVELOPMENT_ADMIN_TOKEN), alias="LEADWERK_ADMIN_TOKEN")
+    secret_key: SecretStr = Field(SecretStr(DEVELOPMENT_SECRET_KEY), alias="LEADWERK_SECRET_KEY")
+    log_level: str = Field("INFO", alias="LEADWERK_LOG_LEVEL")
+    log_format: LogFormat = Field(LogFormat.JSON, alias="LEADWERK_LOG_FORMAT")
+    host: str = Field("0.0.0.0", alias="LEADWERK_HOST")  # noqa: S104 - containers listen on all interfaces
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Self:
+        if self.environment is Environment.PRODUCTION:
+            for name, value, default in (
+                ("LEADWERK_SECRET_KEY", self.secret_key, DEVELOPMENT_SECRET_KEY),
+                ("LEADWERK_ADMIN_TOKEN", self.admin_token, DEVELOPMENT_ADMIN_TOKEN),
+            ):
+                secret = value.get_secret_value()
+                if secret == default or len(secret) < _MIN_SECRET_LENGTH:
+                    msg = (f"{name} must be set to a random value of at least "
+                           f"{_MIN_SECRET_LENGTH} characters outside development")
+                    raise ValueError(msg)
+        return self
+
+    def topic(self, name: str) -> str:
+        """The broker-side name of a registry topic."""
+        return f"{self.kafka_topic_prefix}{name}"

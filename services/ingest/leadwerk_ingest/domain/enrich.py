@@ -1,0 +1,112 @@
+"""Pure enrichment rules: clock-skew correction, IP anonymisation, campaign attribution."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from leadwerk_platform.envelope import parse_timestamp
+
+_UTM = {"utm_source": "source", "utm_medium": "medium", "utm_campaign": "name",
+        "utm_term": "term", "utm_content": "content"}
+_CAMPAIGN_KEYS = ("source", "medium", "name", "term", "content")
+
+
+class BadTimestampError(ValueError):
+    pass
+
+
+def _parse(value: str | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as error:
+        raise BadTimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}") from error
+
+
+@dataclass(frozen=True, slots=True)
+class EventTime:
+    occurred_at: datetime
+    skew_ms: int
+    clamped: bool
+
+
+def correct_event_time(received_at: datetime, timestamp: str | None,
+                       original_timestamp: str | None, sent_at: str | None) -> EventTime:
+    """Segment's rule: ``timestamp = receivedAt - (sentAt - originalTimestamp)``.
+
+    The client's clock is trusted for the gap between the event and the send, not for the
+    absolute time. A result in the future is clamped to ``received_at``.
+    """
+    client_time = _parse(timestamp, "timestamp") or _parse(original_timestamp, "originalTimestamp")
+    sent = _parse(sent_at, "sentAt")
+    if client_time is None:
+        return EventTime(received_at, 0, clamped=False)
+    skew_ms = 0
+    occurred = client_time
+    if sent is not None:
+        skew = received_at - sent
+        skew_ms = int(skew.total_seconds() * 1000)
+        occurred = client_time + skew
+    if occurred > received_at:
+        return EventTime(received_at, skew_ms, clamped=True)
+    return EventTime(occurred, skew_ms, clamped=False)
+
+
+def anonymize_ip(address: str | None) -> str | None:
+    """Zero the last IPv4 octet, keep only the /48 of an IPv6 address; junk becomes None."""
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+def _host(url: str) -> str | None:
+    try:
+        return urlsplit(url).hostname
+    except ValueError:
+        return None
+
+
+def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None = None,
+                    page_url: str | None = None, referrer: str | None = None) -> dict[str, str]:
+    """Campaign attribution from ``context.campaign``, UTM parameters in the page URL, and the
+    referrer. Explicit ``context.campaign`` values win over URL parameters."""
+    fields: dict[str, str] = {}
+    page = context.get("page") if isinstance(context.get("page"), dict) else {}
+    props = properties or {}
+    url = page_url or page.get("url") or props.get("url")
+    if isinstance(url, str) and "?" in url:
+        try:
+            query = parse_qsl(urlsplit(url).query)
+        except ValueError:
+            query = []
+        for key, value in query:
+            name = _UTM.get(key.lower())
+            if name and value:
+                fields[name] = value[:500]
+    explicit = context.get("campaign")
+    if isinstance(explicit, dict):
+        for key in _CAMPAIGN_KEYS:
+            value = explicit.get(key)
+            if isinstance(value, str) and value:
+                fields[key] = value[:500]
+    ref = referrer or page.get("referrer") or props.get("referrer")
+    if not ref and isinstance(context.get("referrer"), dict):
+        ref = context["referrer"].get("url")
+    if isinstance(ref, str) and ref:
+        fields["referrer"] = ref[:2000]
+        host = _host(ref)
+        if host:
+            fields["referrer_host"] = host
+    return fields

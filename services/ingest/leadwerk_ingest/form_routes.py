@@ -1,0 +1,146 @@
+"""``POST /f/<form-id>``: HTML forms (urlencoded or JSON) become form-submitted events."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import orjson
+from leadwerk_platform.envelope import derive_event_id, format_timestamp
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from leadwerk_ingest.adapters.config import Form
+from leadwerk_ingest.domain.enrich import campaign_fields
+from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
+from leadwerk_ingest.pages import page, paragraph
+from leadwerk_ingest.service import JSON_TYPE, ApiError, read_body
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from leadwerk_ingest.service import Ingest
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_TRUE = {"on", "true", "1", "yes", "checked"}
+ANONYMOUS_COOKIE = "lw_aid"
+_MAX_FIELD = 2000
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip()[:_MAX_FIELD]
+
+
+def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
+               request: Request) -> Outgoing | None:
+    """Validate and map a submission; None for a bot caught by the honeypot."""
+    if form.honeypot and _text(fields.get(form.honeypot)):
+        ingest.metrics.rejected.labels("honeypot").inc()
+        return None
+    problems = [{"field": name, "message": "required"} for name in form.required
+                if not _text(fields.get(name))]
+    email_field = form.email_source
+    email = _text(fields.get(email_field)) if email_field else None
+    if email:
+        email = email.lower()
+        if not _EMAIL.match(email):
+            problems.append({"field": email_field or "email", "message": "not an email address"})
+    if problems:
+        ingest.metrics.rejected.labels("invalid").inc()
+        raise ApiError(400, "invalid_form", "form submission rejected", problems)
+    traits = {trait: _text(fields[name]) for name, trait in form.fields.items()
+              if _text(fields.get(name))}
+    if email:
+        traits["email"] = email
+    consents = [{"purpose": c.purpose, "given": (_text(fields.get(c.field)) or "").lower() in _TRUE,
+                 "text_version": c.text_version, "double_opt_in": c.double_opt_in}
+                for c in form.consents]
+    anonymous_id = (_text(fields.get("anonymous_id")) or request.cookies.get(ANONYMOUS_COOKIE)
+                    or str(uuid.uuid4()))
+    user_id = _text(fields.get("user_id")) or None
+    message_id = _text(fields.get("message_id")) or str(uuid.uuid4())
+    workspace = ingest.config.workspaces[form.workspace]
+    facts = ingest.facts(request)
+    page_url = _text(fields.get("page_url")) or request.headers.get("referer")
+    context = {"page": {"url": page_url}} if page_url else {}
+    message = {
+        "id": derive_event_id(workspace.id, message_id),
+        "type": "tracking.form_submitted.v1",
+        "workspace": workspace.id,
+        "occurred_at": format_timestamp(facts.received_at),
+        "received_at": format_timestamp(facts.received_at),
+        "producer": "ingest",
+        "correlation_id": facts.correlation_id,
+        "data": {
+            "message_id": message_id, "form_id": form.id, "anonymous_id": anonymous_id,
+            "user_id": user_id, "email": email, "traits": traits, "consents": consents,
+            "context": context,
+            "client": client_facts(facts, {}, anonymize=workspace.anonymize_ip,
+                                   bot=ingest.bots.is_bot(facts.user_agent)),
+            "campaign": campaign_fields(context, None, page_url=page_url),
+        },
+    }
+    return Outgoing(identity_key(workspace.id, user_id, anonymous_id), message)
+
+
+def register(app: FastAPI, ingest: Ingest) -> None:
+    async def submit(request: Request) -> Response:
+        form = ingest.config.forms.get(request.path_params["form_id"])
+        wants_json = "json" in request.headers.get("content-type", "")
+        workspace = ingest.config.workspaces[form.workspace] if form else None
+        cors = ingest.cors(request, workspace)
+        try:
+            if form is None:
+                raise ApiError(404, "unknown_form", "no such form")
+            body = await read_body(request, ingest.settings.max_event_bytes)
+            fields = _parse_fields(body, wants_json)
+            event = form_event(ingest, form, fields, request)
+            if event is not None:
+                await ingest.produce([event])
+        except ApiError as error:
+            if wants_json:
+                return error.response(cors)
+            items = "".join(f"<li>{paragraph(d['field'] + ': ' + d['message'])}</li>"
+                            for d in error.details or [])
+            return page("Formular nicht gesendet / Form not sent",
+                        paragraph(error.message) + (f"<ul>{items}</ul>" if items else ""),
+                        error.status)
+        if wants_json:
+            return Response(orjson.dumps({"success": True, "redirect": form.thank_you_url}),
+                            200, cors, JSON_TYPE)
+        if form.thank_you_url:
+            return RedirectResponse(form.thank_you_url, 303)
+        return page("Danke! / Thank you!", paragraph("Ihre Angaben sind angekommen."))
+
+    async def preflight(request: Request) -> Response:
+        form = ingest.config.forms.get(request.path_params["form_id"])
+        headers = ingest.cors(request, ingest.config.workspaces[form.workspace]) if form else {}
+        if not headers:
+            return Response(status_code=403)
+        return Response(status_code=204, headers={**headers, "Access-Control-Allow-Methods":
+                                                  "POST, OPTIONS",
+                                                  "Access-Control-Allow-Headers": "Content-Type"})
+
+    app.router.add_route("/f/{form_id}", submit, methods=["POST"])
+    app.router.add_route("/f/{form_id}", preflight, methods=["OPTIONS"])
+
+
+def _parse_fields(body: bytes, wants_json: bool) -> dict[str, Any]:
+    if wants_json:
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as error:
+            raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}") from error
+        if not isinstance(parsed, dict):
+            raise ApiError(400, "invalid_json", "body must be a JSON object")
+        return parsed
+    try:
+        return dict(parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=200))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ApiError(400, "invalid_form", f"body is not a urlencoded form: {error}") from error
