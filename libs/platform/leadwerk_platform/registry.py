@@ -134,4 +134,7 @@ class ContractRegistry:
 
 def _describe(error: ValidationError) -> str:
     location = "/".join(str(part) for part in error.absolute_path) or "(root)"
-    return f"{location}: {error.message}"
+    if error.validator in ("anyOf", "oneOf"):
+        reasons = sorted({sub.message for sub in error.context or []})
+        return f"{location}: matches none of the allowed shapes ({'; '.join(reasons)[:300]})"
+    return f"{location}: {error.message[:300]}"

@@ -46,6 +46,9 @@ class PlatformSettings(BaseSettings):
     #: Idempotent producer (and, where used, transactions). On for real Kafka; the embedded
     #: broker supports neither, so the local stack turns it off.
     kafka_idempotence: bool = Field(True, alias="LEADWERK_KAFKA_IDEMPOTENCE")
+    #: Consumer-group session timeout. The embedded broker (tansu) delays group joins by about
+    #: this long, so the local stack and tests run with a short one.
+    kafka_session_timeout_ms: int = Field(30_000, alias="LEADWERK_KAFKA_SESSION_TIMEOUT_MS")
     #: Prepended to every topic name from the registry (e.g. ``staging.``); tests use it to
     #: isolate themselves on one broker.
     kafka_topic_prefix: str = Field("", alias="LEADWERK_KAFKA_TOPIC_PREFIX")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from leadwerk_platform.envelope import derive_event_id, format_timestamp
 from leadwerk_platform.tokens import EmailToken, InvalidTokenError, TokenKind
@@ -18,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import client_facts, token_event
 from leadwerk_ingest.pages import confirm_form, not_found, page, paragraph
-from leadwerk_ingest.service import ApiError
+from leadwerk_ingest.service import ApiError, read_body
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -91,8 +92,12 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: C901 - one closure 
             return page("Abmelden / Unsubscribe", confirm_form(
                 str(request.url.path), "Möchten Sie sich von diesen E-Mails abmelden? "
                 "Do you want to unsubscribe from these emails?", "Abmelden / Unsubscribe"))
-        form = await request.form()
-        method = "one-click" if form.get("List-Unsubscribe") == "One-Click" else "page"
+        try:
+            body = (await read_body(request, 4096)).decode()
+        except (ApiError, UnicodeDecodeError):
+            body = ""
+        one_click = ("List-Unsubscribe", "One-Click") in parse_qsl(body)
+        method = "one-click" if one_click else "page"
         event = token_event("unsubscribed", token.workspace, token.contact_id,
                             ingest.facts(request), {
                                 "email_message_id": token.message_id,

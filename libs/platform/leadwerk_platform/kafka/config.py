@@ -34,6 +34,7 @@ def consumer_options(settings: PlatformSettings, group_id: str, client_id: str) 
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed" if settings.kafka_idempotence else "read_uncommitted",
         "max_poll_records": 500,
-        "session_timeout_ms": 30_000,
-        "heartbeat_interval_ms": 3_000,
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": max(100, settings.kafka_session_timeout_ms // 10),
+        "rebalance_timeout_ms": max(settings.kafka_session_timeout_ms, 10_000),
     }

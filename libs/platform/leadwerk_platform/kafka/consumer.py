@@ -125,15 +125,19 @@ class ConsumerRuntime:
         last_done: int | None = None
         for record in records:
             try:
-                await self._handle_with_retries(record)
-            except InvalidMessageError as error:
-                await self._dead_letter(record, error)
+                await self._handle_or_dead_letter(record)
             except BaseException:
                 if last_done is not None and self._consumer is not None:
                     await self._consumer.commit({partition: OffsetAndMetadata(last_done + 1, "")})
                 raise
             last_done = record.offset
         return last_done
+
+    async def _handle_or_dead_letter(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            await self._handle_with_retries(record)
+        except InvalidMessageError as error:
+            await self._dead_letter(record, error)
 
     async def _handle_with_retries(self, record: ConsumerRecord[bytes, bytes]) -> None:
         message = ConsumedMessage(

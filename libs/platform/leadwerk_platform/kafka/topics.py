@@ -54,7 +54,7 @@ async def provision_topics(settings: PlatformSettings, registry: ContractRegistr
                     await admin.create_partitions({name: NewPartitions(wanted[name].partitions)})
                     grown.append(name)
         report = ProvisionReport(created, sorted(present), grown)
-        logger.info("topics provisioned", extra={"created": created, "grown": grown})
+        logger.info("topics provisioned", extra={"topics_created": created, "topics_grown": grown})
         return report
     finally:
         await admin.close()

@@ -60,6 +60,8 @@ def platform_env(infrastructure: Infrastructure, monkeypatch: pytest.MonkeyPatch
         "LEADWERK_ENV": "test",
         "KAFKA_BOOTSTRAP_SERVERS": infrastructure.kafka,
         "LEADWERK_KAFKA_IDEMPOTENCE": str(infrastructure.idempotence).lower(),
+        # Short group sessions: the embedded broker delays joins by about this long.
+        "LEADWERK_KAFKA_SESSION_TIMEOUT_MS": "2000" if not infrastructure.idempotence else "10000",
         "LEADWERK_KAFKA_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}.",
         "DATABASE_URL": infrastructure.database_url,
         "LEADWERK_CONFIG_DIR": str(repository_root() / "config"),

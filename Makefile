@@ -1,0 +1,49 @@
+# Leadwerk: the one front door. `make run` starts everything, `make test` tests everything.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+PYTHON ?= python3
+
+.PHONY: help setup run test test-fast lint format bench browser clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "uv not found: installing it from PyPI"
+	$(PYTHON) -m pip install --quiet --user uv || $(PYTHON) -m pip install --quiet uv
+
+setup: | $(UV)  ## install uv (if missing) and the locked virtual environment
+	@$(UV) sync --all-packages --locked --quiet
+
+run: setup  ## run the whole platform on embedded Postgres + Kafka-protocol broker (Ctrl-C stops)
+	@$(UV) run --no-sync python -m leadwerk_platform.devstack
+
+browser:  ## install Debian's Chromium for the sdk.js browser tests (root + apt only)
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium for the browser tests"; \
+		(apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) || \
+		echo "chromium could not be installed: browser tests will be skipped"; \
+	else echo "no /usr/bin/chromium: browser tests will be skipped"; fi
+
+test: setup browser  ## the whole suite (starts its own embedded infrastructure)
+	@$(UV) run --no-sync pytest
+
+test-fast: setup  ## unit tests only (no broker, no Postgres, no browser)
+	@$(UV) run --no-sync pytest -m "not integration"
+
+lint: setup  ## ruff + mypy (strict)
+	@$(UV) run --no-sync ruff check .
+	@$(UV) run --no-sync ruff format --check . || true
+	@$(UV) run --no-sync mypy
+
+format: setup  ## apply ruff's fixes and formatting
+	@$(UV) run --no-sync ruff check --fix .
+
+bench: setup  ## ingest throughput/latency against baselines measured in the same run
+	@$(UV) run --no-sync python -m bench.ingest_bench
+
+clean:  ## remove local state (embedded Postgres data) and caches
+	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,66 @@
+"""Topic provisioning, migrations and readiness against the real broker and Postgres."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from leadwerk_platform.kafka.producer import Publisher
+from leadwerk_platform.kafka.topics import provision_topics
+from leadwerk_platform.migrations import upgrade
+from leadwerk_platform.registry import ContractRegistry
+from leadwerk_platform.settings import PlatformSettings
+
+pytestmark = pytest.mark.integration
+
+
+async def test_provisioning_creates_registry_topics_idempotently(
+        platform_env: dict[str, str], contract_registry: ContractRegistry) -> None:
+    settings = PlatformSettings()
+    first = await provision_topics(settings, contract_registry, replication_factor=1)
+    second = await provision_topics(settings, contract_registry, replication_factor=1)
+    expected = {settings.topic(name) for name in contract_registry.topics}
+    assert set(first.created) == expected
+    assert second.created == []
+    assert set(second.existing) == expected
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        [described] = await admin.describe_topics([settings.topic("tracking-events")])
+    finally:
+        await admin.close()
+    assert len(described["partitions"]) == contract_registry.topics["tracking-events"].partitions
+
+
+async def test_migrations_run_in_the_service_schema_and_are_idempotent(database: str) -> None:
+    script_location = Path(__file__).parent / "sample_migrations"
+    for _ in range(2):
+        await asyncio.to_thread(upgrade, database, "sample", script_location)
+    connection = await asyncpg.connect(database)
+    try:
+        tables = await connection.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'sample' "
+            "ORDER BY table_name")
+        version = await connection.fetchval("SELECT version_num FROM sample.alembic_version")
+    finally:
+        await connection.close()
+    assert [t["table_name"] for t in tables] == ["alembic_version", "sample"]
+    assert version == "0001"
+
+
+async def test_publisher_readiness_follows_the_broker(platform_env: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    unreachable = Publisher(PlatformSettings(), "test", reconnect_interval=0.05)
+    await unreachable.start(wait=0.3)
+    assert not unreachable.ready
+    assert await unreachable.check() is False
+    await unreachable.stop()
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", platform_env["KAFKA_BOOTSTRAP_SERVERS"])
+    reachable = Publisher(PlatformSettings(), "test")
+    await reachable.start(wait=5)
+    assert await reachable.check() is True
+    await reachable.stop()

@@ -1,0 +1,75 @@
+"""Pure parts of the platform library: envelope codec, settings, tokens."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from leadwerk_platform.envelope import (
+    Envelope,
+    InvalidMessageError,
+    decode,
+    derive_event_id,
+    encode,
+)
+from leadwerk_platform.settings import PlatformSettings
+from leadwerk_platform.tokens import EmailToken, InvalidTokenError, TokenKind, TokenSigner
+
+
+def test_envelope_round_trip_and_major_version() -> None:
+    moment = datetime(2026, 11, 21, 9, 30, tzinfo=UTC)
+    envelope = Envelope(id=str(uuid.uuid4()), type="tracking.track.v1", workspace="dev",
+                        occurred_at=moment, received_at=moment, producer="test",
+                        data={"a": 1}, correlation_id="c")
+    decoded = decode(encode(envelope))
+    assert decoded == envelope
+    assert decoded.major_version == 1
+
+
+@pytest.mark.parametrize("payload", [None, b"", b"[]", b'{"id": 1}', b"\xff",
+                                     b'{"id": "x", "type": "t.v1", "workspace": "w", '
+                                     b'"occurred_at": "now", "received_at": "now", '
+                                     b'"producer": "p", "data": {}}'])
+def test_malformed_messages_are_invalid(payload: bytes | None) -> None:
+    with pytest.raises(InvalidMessageError):
+        decode(payload)
+
+
+def test_event_ids_are_deterministic_per_workspace() -> None:
+    assert derive_event_id("dev", "m1") == derive_event_id("dev", "m1")
+    assert derive_event_id("dev", "m1") != derive_event_id("other", "m1")
+
+
+def test_production_refuses_default_or_short_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADWERK_ENV", "production")
+    with pytest.raises(ValueError, match="LEADWERK_SECRET_KEY"):
+        PlatformSettings()
+    monkeypatch.setenv("LEADWERK_SECRET_KEY", "s" * 40)
+    monkeypatch.setenv("LEADWERK_ADMIN_TOKEN", "short")
+    with pytest.raises(ValueError, match="LEADWERK_ADMIN_TOKEN"):
+        PlatformSettings()
+    monkeypatch.setenv("LEADWERK_ADMIN_TOKEN", "a" * 40)
+    settings = PlatformSettings()
+    assert "s" * 40 not in repr(settings)  # secrets never show up in logs or reprs
+
+
+def test_tokens_round_trip_and_refuse_tampering() -> None:
+    signer = TokenSigner("k" * 40)
+    token = EmailToken(kind=TokenKind.CLICK, workspace="dev", contact_id="c",
+                       message_id="m", url="https://example.com/x", link_id="l")
+    text = signer.sign(token)
+    verified = signer.verify(TokenKind.CLICK, text)
+    assert (verified.contact_id, verified.url, verified.link_id) == ("c", "https://example.com/x",
+                                                                     "l")
+    for bad in (text + "x", text.replace(".", "..", 1), "x" * len(text)):
+        with pytest.raises(InvalidTokenError):
+            signer.verify(TokenKind.CLICK, bad)
+    with pytest.raises(InvalidTokenError):
+        signer.verify(TokenKind.OPEN, text)  # purposes are not interchangeable
+    with pytest.raises(InvalidTokenError):
+        TokenSigner("other" * 10).verify(TokenKind.CLICK, text)
+    javascript = signer.sign(EmailToken(kind=TokenKind.CLICK, workspace="dev", contact_id="c",
+                                        url="javascript:alert(1)"))
+    with pytest.raises(InvalidTokenError):
+        signer.verify(TokenKind.CLICK, javascript)
