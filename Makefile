@@ -36,8 +36,9 @@ test-fast: setup  ## unit tests only (no broker, no Postgres, no browser)
 
 lint: setup  ## ruff + mypy (strict)
 	@$(UV) run --no-sync ruff check .
-	@$(UV) run --no-sync ruff format --check . || true
 	@$(UV) run --no-sync mypy
+	@$(UV) run --no-sync mypy services/ingest/tests
+	@$(UV) run --no-sync mypy libs/platform/tests tests bench
 
 format: setup  ## apply ruff's fixes and formatting
 	@$(UV) run --no-sync ruff check --fix .

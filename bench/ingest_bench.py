@@ -641,6 +641,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visitors", type=int, default=5000, help="distinct anonymousIds")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenario keys to run (implies --no-doc): "
+                             "baseline_ok, baseline_produce, baseline_batch, ingest_single, "
+                             "ingest_batch, ingest_latency, baseline_ok_latency, "
+                             "baseline_produce_latency")
     parser.add_argument("--no-doc", action="store_true", help=f"do not write {DOC}")
     parser.add_argument("--no-reference-latency", action="store_true",
                         help="skip baselines A and B at the constant rate")
@@ -694,9 +699,13 @@ def main(argv: list[str] | None = None) -> int:
             Scenario("ingest_batch", "ingest /v1/batch (100 events)", "ingest", "/v1/batch",
                      batch=100),
         ]
+        wanted = set(args.only.split(",")) if args.only else None
         for scenario in throughput:
-            measurements.append(bench.run(scenario))
+            if wanted is None or scenario.key in wanted:
+                measurements.append(bench.run(scenario))
         by_key = {m.scenario.key: m for m in measurements}
+        if args.rate is None and "ingest_single" not in by_key:
+            raise SystemExit("--only without ingest_single needs --rate")
         rate = args.rate or round(by_key["ingest_single"].req_s / 2)
         latency = [Scenario("ingest_latency", "ingest /v1/track @ half load", "ingest",
                             "/v1/track", rate=rate)]
@@ -708,7 +717,8 @@ def main(argv: list[str] | None = None) -> int:
                          "/v1/track", rate=rate),
             ]
         for scenario in latency:
-            measurements.append(bench.run(scenario))
+            if wanted is None or scenario.key in wanted:
+                measurements.append(bench.run(scenario))
         if args.profile:
             profiles = [profile_ingest(bench, throughput[3], 10),
                         profile_ingest(bench, throughput[4], 10)]
@@ -733,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     for text in profiles:
         print()
         print(text)
-    if not args.no_doc:
+    if not (args.no_doc or args.only):
         DOC.write_text(render_doc(facts, args, generator, broker, measurements, checks,
                                   started, time.monotonic() - clock), encoding="utf-8")
         print(f"\nwrote {DOC.relative_to(ROOT)}")

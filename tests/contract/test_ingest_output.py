@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
+
 from leadwerk_ingest.api import create_app
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.registry import ContractRegistry
@@ -18,7 +21,7 @@ async def test_every_ingest_event_type_matches_its_schema(
     settings = IngestSettings()
     signer = TokenSigner(settings.secret_key.get_secret_value())
 
-    def sign(kind: TokenKind, **extra: str) -> str:
+    def sign(kind: TokenKind, **extra: Any) -> str:
         return signer.sign(EmailToken(kind=kind, workspace="dev", contact_id="c-9", **extra))
 
     batch = [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
 from leadwerk_platform.envelope import decode
 from leadwerk_platform.registry import ContractRegistry, RegistryError, duration_ms
 
@@ -50,10 +52,8 @@ def test_retention_durations(text: str, ms: int) -> None:
     assert duration_ms(text) == ms
 
 
-def test_incomplete_topic_is_refused(tmp_path: object) -> None:
-    from pathlib import Path
-
-    root = Path(str(tmp_path))
+def test_incomplete_topic_is_refused(tmp_path: Path) -> None:
+    root = tmp_path
     (root / "topics").mkdir()
     (root / "messages").mkdir()
     (root / "topics" / "x.yaml").write_text("name: x\nowner: ingest\n")

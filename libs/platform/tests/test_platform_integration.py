@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+
 from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.migrations import upgrade

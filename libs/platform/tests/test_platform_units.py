@@ -6,6 +6,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+
 from leadwerk_platform.envelope import (
     Envelope,
     InvalidMessageError,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from leadwerk_platform.serve import serve
-
 from leadwerk_ingest.api import create_app
 from leadwerk_ingest.settings import IngestSettings
+from leadwerk_platform.serve import serve
 
 
 def main() -> None:

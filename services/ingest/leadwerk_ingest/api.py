@@ -20,9 +20,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from leadwerk_platform.health import health_router
-from leadwerk_platform.metrics import metrics_router
-
 from leadwerk_ingest import email_routes, form_routes
 from leadwerk_ingest.adapters.config import IngestConfig, Workspace, load_config
 from leadwerk_ingest.domain.enrich import BadTimestampError
@@ -31,6 +28,8 @@ from leadwerk_ingest.handlers import Outgoing, RequestFacts, segment_event
 from leadwerk_ingest.metrics import MetricsMiddleware
 from leadwerk_ingest.service import JSON_TYPE, ApiError, Ingest, read_body
 from leadwerk_ingest.settings import IngestSettings
+from leadwerk_platform.health import health_router
+from leadwerk_platform.metrics import metrics_router
 
 _OK = orjson.dumps({"success": True})
 _CORS_HEADERS = "Content-Type, Authorization, Content-Encoding, X-Request-ID"
@@ -38,7 +37,7 @@ _CORS_HEADERS = "Content-Type, Authorization, Content-Encoding, X-Request-ID"
 
 def basic_auth_key(request: Request) -> str | None:
     header = request.headers.get("authorization")
-    if not header or not header[:6].lower() == "basic ":
+    if not header or header[:6].lower() != "basic ":
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
@@ -85,7 +84,7 @@ def _validation_details(error: ValidationError, index: int | None = None) -> lis
 
 
 def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
-                 raw_events: list[Any], batch_sent_at: str | None,
+                 raw_events: list[Any], *, batch_sent_at: str | None,
                  call_type: str | None) -> list[Outgoing]:
     """Validate and enrich; any bad event fails the whole request with every problem listed."""
     validator = adapter(call_type or "batch")
@@ -166,7 +165,7 @@ def create_app(settings: IngestSettings, config: IngestConfig | None = None) -> 
                     raw_events, batch_sent_at = [payload], None
                 ingest.rate_limit(key, workspace, len(raw_events))
                 events = build_events(ingest, workspace, ingest.facts(request), raw_events,
-                                      batch_sent_at, call_type)
+                                      batch_sent_at=batch_sent_at, call_type=call_type)
                 await ingest.produce(events)
             except ApiError as error:
                 return error.response(ingest.cors(request, workspace))

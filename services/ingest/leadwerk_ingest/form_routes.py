@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
-from leadwerk_platform.envelope import derive_event_id, format_timestamp
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -17,6 +16,7 @@ from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
 from leadwerk_ingest.pages import page, paragraph
 from leadwerk_ingest.service import JSON_TYPE, ApiError, read_body
+from leadwerk_platform.envelope import derive_event_id, format_timestamp
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from leadwerk_platform.envelope import derive_event_id, format_timestamp
-
 from leadwerk_ingest.domain.enrich import anonymize_ip, campaign_fields, correct_event_time
 from leadwerk_ingest.domain.messages import Call
+from leadwerk_platform.envelope import derive_event_id, format_timestamp
 
 PRODUCER = "ingest"
 

@@ -12,16 +12,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, PublishError
-from leadwerk_platform.metrics import new_registry
-from leadwerk_platform.tokens import TokenSigner
-
 from leadwerk_ingest.adapters.bots import BotDetector
 from leadwerk_ingest.adapters.config import IngestConfig, Workspace
 from leadwerk_ingest.domain.ratelimit import TokenBucket, retry_after_seconds
 from leadwerk_ingest.handlers import Outgoing, RequestFacts
 from leadwerk_ingest.metrics import IngestMetrics
 from leadwerk_ingest.settings import IngestSettings
+from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, PublishError
+from leadwerk_platform.metrics import new_registry
+from leadwerk_platform.tokens import TokenSigner
 
 TRACKING_TOPIC = "tracking-events"
 JSON_TYPE = "application/json"

@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+
 from leadwerk_ingest.api import create_app
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.testing.helpers import serve_app

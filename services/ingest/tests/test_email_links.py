@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
+
 from leadwerk_platform.testing.helpers import read_topic, values
 from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 
@@ -12,7 +15,7 @@ from .conftest import RunningIngest
 pytestmark = pytest.mark.integration
 
 
-def token(ingest: RunningIngest, kind: TokenKind, **fields: str) -> str:
+def token(ingest: RunningIngest, kind: TokenKind, **fields: Any) -> str:
     return ingest.signer.sign(EmailToken(kind=kind, workspace="dev", contact_id="c-1",
                                          message_id="msg-1", **fields))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+
 from leadwerk_platform.testing.helpers import read_topic, values
 
 from .conftest import RunningIngest

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from leadwerk_platform.testing.helpers import read_topic, values
 from rudderstack.analytics.client import Client as RudderClient
 from segment.analytics.client import Client as SegmentClient
+
+from leadwerk_platform.testing.helpers import read_topic, values
 
 from .conftest import WRITE_KEY, RunningIngest
 

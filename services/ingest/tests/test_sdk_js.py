@@ -11,13 +11,14 @@ import os
 from collections.abc import AsyncIterator, Callable
 
 import pytest
-from leadwerk_platform.testing.helpers import read_topic, serve_app, values
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 from playwright.async_api import Request as BrowserRequest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
+
+from leadwerk_platform.testing.helpers import read_topic, serve_app, values
 
 from .conftest import WRITE_KEY, RunningIngest
 

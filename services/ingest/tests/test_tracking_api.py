@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+
+from leadwerk_ingest.adapters.config import IngestConfig, RateLimit, Workspace
 from leadwerk_ingest.api import create_app
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.embedded import EmbeddedBroker, free_port
@@ -168,10 +170,8 @@ async def test_oversized_event_and_batch_get_413(ingest: RunningIngest) -> None:
 
 
 async def test_rate_limit_answers_429_with_retry_after(
-        topics: str, platform_env: dict[str, str], tmp_path: object) -> None:
+        topics: str, platform_env: dict[str, str]) -> None:
     settings = IngestSettings()
-    from leadwerk_ingest.adapters.config import IngestConfig, RateLimit, Workspace
-
     workspace = Workspace(id="dev", write_keys=["k"], rate_limit=RateLimit(
         events_per_second=1, burst=3))
     config = IngestConfig(workspaces={"dev": workspace}, forms={}, keys={"k": workspace})

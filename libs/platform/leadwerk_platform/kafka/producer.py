@@ -53,7 +53,7 @@ class Publisher:
         return self._producer is not None
 
     async def start(self, wait: float | None = None) -> None:
-        """Begin connecting; with ``wait``, block up to that many seconds for the first connection."""
+        """Begin connecting; with ``wait``, block up to that many seconds for a connection."""
         self._connector = asyncio.create_task(self._connect(), name="publisher-connect")
         if wait:
             with contextlib.suppress(TimeoutError):

@@ -24,7 +24,7 @@ async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 10
     await consumer.start()
     partitions = consumer.partitions_for_topic(topic)
     if not partitions:
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh topic
+        await consumer._client.force_metadata_update()
         partitions = consumer.partitions_for_topic(topic) or set()
     consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
     await consumer.seek_to_beginning()

@@ -19,4 +19,6 @@ class BotDetector:
 
     def is_bot(self, user_agent: str | None) -> bool:
         """Empty user agents are not flagged: server-side SDKs legitimately send none."""
-        return bool(user_agent) and self._is_bot(user_agent[:1000])
+        if not user_agent:
+            return False
+        return self._is_bot(user_agent[:1000])

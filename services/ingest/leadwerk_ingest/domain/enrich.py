@@ -83,7 +83,8 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
     """Campaign attribution from ``context.campaign``, UTM parameters in the page URL, and the
     referrer. Explicit ``context.campaign`` values win over URL parameters."""
     fields: dict[str, str] = {}
-    page = context.get("page") if isinstance(context.get("page"), dict) else {}
+    raw_page = context.get("page")
+    page: dict[str, Any] = raw_page if isinstance(raw_page, dict) else {}
     props = properties or {}
     url = page_url or page.get("url") or props.get("url")
     if isinstance(url, str) and "?" in url:
@@ -98,12 +99,13 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
     explicit = context.get("campaign")
     if isinstance(explicit, dict):
         for key in _CAMPAIGN_KEYS:
-            value = explicit.get(key)
-            if isinstance(value, str) and value:
-                fields[key] = value[:500]
-    ref = referrer or page.get("referrer") or props.get("referrer")
-    if not ref and isinstance(context.get("referrer"), dict):
-        ref = context["referrer"].get("url")
+            given = explicit.get(key)
+            if isinstance(given, str) and given:
+                fields[key] = given[:500]
+    ref: Any = referrer or page.get("referrer") or props.get("referrer")
+    raw_referrer = context.get("referrer")
+    if not ref and isinstance(raw_referrer, dict):
+        ref = raw_referrer.get("url")
     if isinstance(ref, str) and ref:
         fields["referrer"] = ref[:2000]
         host = _host(ref)
