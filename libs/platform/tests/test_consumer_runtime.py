@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
@@ -151,3 +154,22 @@ async def test_too_many_dead_letters_stop_the_consumer(topics: str) -> None:
     await publisher.stop()
     assert runtime.dead_lettered == 2
     assert await committed(settings, "test.limit") == 2
+
+
+async def test_sigterm_finishes_the_batch_commits_and_exits(topics: str) -> None:
+    settings = PlatformSettings()
+    await publish(settings, [event(n) for n in range(50)])
+    script = Path(__file__).with_name("sigterm_consumer.py")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    first = await asyncio.wait_for(process.stdout.readline(), 30)
+    assert first.startswith(b"handled")
+    process.send_signal(signal.SIGTERM)
+    output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0
+    lines = [first.decode(), *output.decode().splitlines()]
+    assert lines[-1] == "stopped cleanly"
+    handled = len([line for line in lines if line.startswith("handled")])
+    assert 1 <= handled < 50  # it stopped early …
+    assert await committed(settings, "test.sigterm") == handled  # … and committed exactly that

@@ -10,8 +10,8 @@ Policy (see docs/decisions/0004-consumer-commit-policy.md):
   consumer instead (something is systematically wrong);
 * any other exception is transient: retried with exponential back-off, then the consumer stops
   without committing the failed message, so a restart picks it up again;
-* :meth:`ConsumerRuntime.stop` (wired to SIGTERM) finishes the batch in hand, commits and
-  leaves the group.
+* :meth:`ConsumerRuntime.stop` (wired to SIGTERM) finishes the message in hand, commits what
+  is done and leaves the group.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ class ConsumerRuntime:
         self.dead_lettered = 0
 
     def stop(self) -> None:
-        """Ask the loop to finish the batch in hand, commit and leave (safe from a signal)."""
+        """Ask the loop to finish the message in hand, commit and leave (safe from a signal)."""
         self._stopping.set()
 
     @property
@@ -124,6 +125,8 @@ class ConsumerRuntime:
         """Handle records in order; return the last offset whose effects are durable."""
         last_done: int | None = None
         for record in records:
+            if self._stopping.is_set():
+                break  # the rest stays uncommitted for whoever owns the partition next
             try:
                 await self._handle_or_dead_letter(record)
             except BaseException:
@@ -189,3 +192,17 @@ class ConsumerRuntime:
         self.dead_lettered += 1
         logger.warning("message dead-lettered", extra={k: v for k, v in origin.items()
                                                        if k != "failed-at"})
+
+
+async def run_until_signalled(runtime: ConsumerRuntime,
+                              signals: tuple[signal.Signals, ...] = (signal.SIGTERM,
+                                                                     signal.SIGINT)) -> None:
+    """Run ``runtime``; SIGTERM/SIGINT make it finish the message in hand, commit, leave."""
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, runtime.stop)
+    try:
+        await runtime.run()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,92 @@
+"""`make run`'s stack as separate processes: the README's curl example and the official Segment
+SDK get events onto the tracking topic, and Ctrl-C stops everything cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from leadwerk_platform.embedded import free_port
+from leadwerk_platform.testing.helpers import read_topic, values
+from segment.analytics.client import Client as SegmentClient
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    kafka_port, ingest_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LEADWERK_", "KAFKA_", "DATABASE_"))}
+    env.update({"LEADWERK_STATE_DIR": str(tmp_path / "state"),
+                "LEADWERK_EMBEDDED_KAFKA_PORT": str(kafka_port),
+                "LEADWERK_INGEST_PORT": str(ingest_port)})
+    log = tmp_path / "stack.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield process, kafka_port, ingest_port, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("stack not ready:\n" + log.read_text())
+
+
+async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all(
+        stack: tuple[subprocess.Popen[bytes], int, int, Path]) -> None:
+    process, kafka_port, ingest_port, log = stack
+    url = f"http://127.0.0.1:{ingest_port}"
+    await asyncio.to_thread(wait_ready, url, process, log)
+    curl = shutil.which("curl")
+    if curl:  # the README's example, verbatim apart from the port
+        result = subprocess.run(
+            [curl, "-s", "-u", "dev-write-key:", "-H", "Content-Type: application/json", "-d",
+             '{"userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}}',
+             f"{url}/v1/track"], capture_output=True, check=True, timeout=10)
+        assert result.stdout == b'{"success":true}'
+    else:
+        response = httpx.post(f"{url}/v1/track", auth=("dev-write-key", ""), json={
+            "userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}})
+        assert response.status_code == 200
+
+    def segment() -> None:
+        client = SegmentClient("dev-write-key", host=url)
+        client.track("u-2", "Document Downloaded", {"document": "pricing.pdf"})
+        client.flush()
+
+    await asyncio.to_thread(segment)
+    events = values(await read_topic(f"127.0.0.1:{kafka_port}", "tracking-events", 2))
+    assert sorted(e["data"]["event"] for e in events) == ["Demo Video Watched",
+                                                          "Document Downloaded"]
+    text = log.read_text()
+    assert f"ingest listening on http://127.0.0.1:{ingest_port}" in text
+    assert "ingest | " in text  # service logs are prefixed
+
+    process.send_signal(signal.SIGINT)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert "leadwerk | stopped" in log.read_text()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/healthz", timeout=1)
