@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from segment.analytics.client import Client as SegmentClient
+
 from leadwerk_platform.embedded import free_port
 from leadwerk_platform.testing.helpers import read_topic, values
-from segment.analytics.client import Client as SegmentClient
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +62,17 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
     url = f"http://127.0.0.1:{ingest_port}"
     await asyncio.to_thread(wait_ready, url, process, log)
     curl = shutil.which("curl")
+    body = '{"userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}}'
     if curl:  # the README's example, verbatim apart from the port
-        result = subprocess.run(
-            [curl, "-s", "-u", "dev-write-key:", "-H", "Content-Type: application/json", "-d",
-             '{"userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}}',
-             f"{url}/v1/track"], capture_output=True, check=True, timeout=10)
-        assert result.stdout == b'{"success":true}'
+        curl_process = await asyncio.create_subprocess_exec(
+            curl, "-s", "-u", "dev-write-key:", "-H", "Content-Type: application/json",
+            "-d", body, f"{url}/v1/track", stdout=asyncio.subprocess.PIPE)
+        output, _ = await asyncio.wait_for(curl_process.communicate(), 10)
+        assert output == b'{"success":true}'
     else:
-        response = httpx.post(f"{url}/v1/track", auth=("dev-write-key", ""), json={
-            "userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}})
+        async with httpx.AsyncClient() as client:
+            response = await client.post(f"{url}/v1/track", auth=("dev-write-key", ""),
+                                         content=body)
         assert response.status_code == 200
 
     def segment() -> None:
@@ -88,5 +91,6 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
     process.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(process.wait, 30) == 0
     assert "leadwerk | stopped" in log.read_text()
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/healthz", timeout=1)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"{url}/healthz", timeout=1)
