@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from leadwerk_ingest.adapters.config import IngestConfig, RateLimit, Workspace
+from leadwerk_ingest.adapters.config import BotPolicy, IngestConfig, RateLimit, Workspace
 from leadwerk_ingest.api import create_app
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.embedded import EmbeddedBroker, free_port
@@ -220,3 +220,42 @@ async def test_health_metrics_and_cors(ingest: RunningIngest) -> None:
     assert 'leadwerk_ingest_http_requests_total{method="POST",route="/v1/track",status="200"}' \
         in metrics
     assert "leadwerk_ingest_produce_duration_seconds_bucket" in metrics
+
+
+async def test_bots_are_flagged_or_dropped_per_workspace(
+        topics: str, platform_env: dict[str, str]) -> None:
+    googlebot = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    flag = Workspace(id="dev", write_keys=["flag"], bots=BotPolicy.FLAG)
+    drop = Workspace(id="shop", write_keys=["drop"], bots=BotPolicy.DROP)
+    config = IngestConfig(workspaces={"dev": flag, "shop": drop}, forms={},
+                          keys={"flag": flag, "drop": drop})
+    settings = IngestSettings()
+    async with serve_app(create_app(settings, config)) as url, httpx.AsyncClient(
+            base_url=url, headers={"User-Agent": googlebot}) as client:
+        flagged = await client.post("/v1/track", json=track(), auth=("flag", ""))
+        dropped = await client.post("/v1/track", json=track(), auth=("drop", ""))
+        human = await client.post("/v1/track", auth=("drop", ""), json=track(
+            context={"userAgent": "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Firefox/130.0"}))
+    assert (flagged.status_code, dropped.status_code, human.status_code) == (200, 200, 200)
+    events = values(await read_topic(platform_env["KAFKA_BOOTSTRAP_SERVERS"],
+                                     settings.topic("tracking-events"), 2, idle=0.5))
+    assert sorted((e["workspace"], e["data"]["client"]["bot"]) for e in events) == [
+        ("dev", True), ("shop", False)]
+
+
+async def test_cors_follows_each_workspaces_allowed_origins(
+        topics: str, platform_env: dict[str, str]) -> None:
+    shop = Workspace(id="shop", write_keys=["k"], allowed_origins=["https://shop.example"])
+    config = IngestConfig(workspaces={"shop": shop}, forms={}, keys={"k": shop})
+    async with serve_app(create_app(IngestSettings(), config)) as url, httpx.AsyncClient(
+            base_url=url) as client:
+        allowed = await client.options("/v1/track", headers={
+            "Origin": "https://shop.example", "Access-Control-Request-Method": "POST"})
+        refused = await client.options("/v1/track", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        posted = await client.post("/v1/track", json=track(), auth=("k", ""),
+                                   headers={"Origin": "https://evil.example"})
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert refused.status_code == 403
+    assert "Access-Control-Allow-Origin" not in posted.headers
