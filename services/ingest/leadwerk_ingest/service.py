@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 import zlib
@@ -22,6 +23,7 @@ from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, Publish
 from leadwerk_platform.metrics import new_registry
 from leadwerk_platform.tokens import TokenSigner
 
+logger = logging.getLogger(__name__)
 TRACKING_TOPIC = "tracking-events"
 JSON_TYPE = "application/json"
 
@@ -91,6 +93,8 @@ class Ingest:
                 timeout=self.settings.produce_timeout)
         except PublishError as error:
             self.metrics.rejected.labels("broker_unavailable").inc(len(events))
+            logger.warning("events not acknowledged by the broker",
+                           extra={"events": len(events), "error": str(error)})
             raise ApiError(503, "broker_unavailable",
                            f"events not accepted, try again later ({error})",
                            headers={"Retry-After": str(self.settings.retry_after_seconds)}
