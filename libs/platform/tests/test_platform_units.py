@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from leadwerk_platform.envelope import (
+    EVENT_ID_NAMESPACE,
     Envelope,
     InvalidMessageError,
     decode,
@@ -74,3 +75,9 @@ def test_tokens_round_trip_and_refuse_tampering() -> None:
                                         url="javascript:alert(1)"))
     with pytest.raises(InvalidTokenError):
         signer.verify(TokenKind.CLICK, javascript)
+
+
+def test_fast_event_id_equals_uuid5() -> None:
+    for workspace, message_id in (("dev", "m1"), ("shop", "ä-🙂"), ("w", "")):
+        assert derive_event_id(workspace, message_id) == str(
+            uuid.uuid5(EVENT_ID_NAMESPACE, f"{workspace}\x1f{message_id}"))

@@ -90,16 +90,12 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
     validator = adapter(call_type or "batch")
     events: list[Outgoing] = []
     details: list[dict[str, Any]] = []
-    check_size = call_type is None
     limit = ingest.settings.max_event_bytes
+    received_at = facts.received_at_text
     for index, raw in enumerate(raw_events):
         position = index if call_type is None else None
         if not isinstance(raw, dict):
             details.append({"index": index, "field": "(event)", "message": "not an object"})
-            continue
-        if check_size and len(orjson.dumps(raw)) > limit:
-            details.append({"index": index, "field": "(event)",
-                            "message": f"event exceeds {limit} bytes"})
             continue
         try:
             call = validator.validate_python(raw)
@@ -113,11 +109,20 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
             ingest.metrics.rejected.labels("bot").inc()
             continue
         try:
-            events.append(segment_event(call, workspace.id, facts, batch_sent_at=batch_sent_at,
-                                        anonymize=workspace.anonymize_ip, bot=bot))
+            event = segment_event(call, workspace.id, facts, batch_sent_at=batch_sent_at,
+                                  anonymize=workspace.anonymize_ip, bot=bot,
+                                  received_at_text=received_at)
         except BadTimestampError as error:
             details.append({**({"index": index} if position is not None else {}),
                             "field": "timestamp", "message": str(error)})
+            continue
+        # The size limit applies to the event as it goes on the wire (a single call's body
+        # was already bounded by read_body; enrichment adds a few hundred bytes at most).
+        if position is not None and len(event.value) > limit:
+            details.append({"index": index, "field": "(event)",
+                            "message": f"event exceeds {limit} bytes"})
+            continue
+        events.append(event)
     if details:
         ingest.metrics.rejected.labels("invalid").inc(len(raw_events))
         raise ApiError(400, "invalid_event" if call_type else "invalid_batch",

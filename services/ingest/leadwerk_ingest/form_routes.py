@@ -73,8 +73,8 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
         "id": derive_event_id(workspace.id, message_id),
         "type": "tracking.form_submitted.v1",
         "workspace": workspace.id,
-        "occurred_at": format_timestamp(facts.received_at),
-        "received_at": format_timestamp(facts.received_at),
+        "occurred_at": facts.received_at_text,
+        "received_at": facts.received_at_text,
         "producer": "ingest",
         "correlation_id": facts.correlation_id,
         "data": {
@@ -86,7 +86,7 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
             "campaign": campaign_fields(context, None, page_url=page_url),
         },
     }
-    return Outgoing(identity_key(workspace.id, user_id, anonymous_id), message)
+    return Outgoing.encode(identity_key(workspace.id, user_id, anonymous_id), message)
 
 
 def register(app: FastAPI, ingest: Ingest) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from leadwerk_ingest.domain.enrich import anonymize_ip, campaign_fields, correct_event_time
 from leadwerk_ingest.domain.messages import Call
 from leadwerk_platform.envelope import derive_event_id, format_timestamp
@@ -23,11 +25,22 @@ class RequestFacts:
     user_agent: str | None
     correlation_id: str
 
+    @property
+    def received_at_text(self) -> str:
+        return format_timestamp(self.received_at)
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
+    """An encoded tracking event, ready for the producer."""
+
     key: bytes
-    message: dict[str, Any]
+    type: str
+    value: bytes
+
+    @classmethod
+    def encode(cls, key: bytes, message: dict[str, Any]) -> Outgoing:
+        return cls(key, message["type"], orjson.dumps(message))
 
 
 def identity_key(workspace: str, user_id: str | None, anonymous_id: str | None) -> bytes:
@@ -55,8 +68,11 @@ def client_facts(facts: RequestFacts, context: dict[str, Any], *, anonymize: boo
 
 
 def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent_at: str | None,
-                  anonymize: bool, bot: bool) -> Outgoing:
-    """One Segment call → one envelope. Raises ``BadTimestampError`` for unparseable times."""
+                  anonymize: bool, bot: bool, received_at_text: str | None = None) -> Outgoing:
+    """One Segment call → one envelope. Raises ``BadTimestampError`` for unparseable times.
+
+    ``received_at_text`` saves formatting the same request time for every event of a batch.
+    """
     time = correct_event_time(facts.received_at, call.timestamp, call.originalTimestamp,
                               call.sentAt or batch_sent_at)
     message_id = call.messageId or str(uuid.uuid4())
@@ -93,13 +109,14 @@ def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent
         "id": derive_event_id(workspace, message_id),
         "type": f"tracking.{call.type}.v1",
         "workspace": workspace,
-        "occurred_at": format_timestamp(time.occurred_at),
-        "received_at": format_timestamp(facts.received_at),
+        "occurred_at": (received_at_text or facts.received_at_text) if time.occurred_at
+        is facts.received_at else format_timestamp(time.occurred_at),
+        "received_at": received_at_text or facts.received_at_text,
         "producer": PRODUCER,
         "correlation_id": facts.correlation_id,
         "data": data,
     }
-    return Outgoing(identity_key(workspace, call.userId, call.anonymousId), message)
+    return Outgoing.encode(identity_key(workspace, call.userId, call.anonymousId), message)
 
 
 def token_event(event_type: str, workspace: str, contact_id: str, facts: RequestFacts,
@@ -109,10 +126,10 @@ def token_event(event_type: str, workspace: str, contact_id: str, facts: Request
         "id": event_id or str(uuid.uuid4()),
         "type": f"tracking.{event_type}.v1",
         "workspace": workspace,
-        "occurred_at": format_timestamp(facts.received_at),
-        "received_at": format_timestamp(facts.received_at),
+        "occurred_at": facts.received_at_text,
+        "received_at": facts.received_at_text,
         "producer": PRODUCER,
         "correlation_id": facts.correlation_id,
         "data": {"contact_id": contact_id, **data},
     }
-    return Outgoing(contact_key(workspace, contact_id), message)
+    return Outgoing.encode(contact_key(workspace, contact_id), message)

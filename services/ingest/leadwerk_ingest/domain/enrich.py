@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -61,6 +62,11 @@ def anonymize_ip(address: str | None) -> str | None:
     """Zero the last IPv4 octet, keep only the /48 of an IPv6 address; junk becomes None."""
     if not address:
         return None
+    return _anonymize(address)
+
+
+@lru_cache(maxsize=8192)
+def _anonymize(address: str) -> str | None:
     try:
         ip = ipaddress.ip_address(address.strip())
     except ValueError:
@@ -71,11 +77,27 @@ def anonymize_ip(address: str | None) -> str | None:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
 
 
+@lru_cache(maxsize=4096)
 def _host(url: str) -> str | None:
     try:
         return urlsplit(url).hostname
     except ValueError:
         return None
+
+
+@lru_cache(maxsize=4096)
+def _utm(url: str) -> tuple[tuple[str, str], ...]:
+    """UTM parameters of a URL as campaign fields (cached: a site has few landing URLs)."""
+    try:
+        query = parse_qsl(urlsplit(url).query)
+    except ValueError:
+        return ()
+    found = {}
+    for key, value in query:
+        name = _UTM.get(key.lower())
+        if name and value:
+            found[name] = value[:500]
+    return tuple(found.items())
 
 
 def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None = None,
@@ -88,14 +110,7 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
     props = properties or {}
     url = page_url or page.get("url") or props.get("url")
     if isinstance(url, str) and "?" in url:
-        try:
-            query = parse_qsl(urlsplit(url).query)
-        except ValueError:
-            query = []
-        for key, value in query:
-            name = _UTM.get(key.lower())
-            if name and value:
-                fields[name] = value[:500]
+        fields.update(_utm(url))
     explicit = context.get("campaign")
     if isinstance(explicit, dict):
         for key in _CAMPAIGN_KEYS:
