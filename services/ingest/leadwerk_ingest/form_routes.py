@@ -16,7 +16,7 @@ from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
 from leadwerk_ingest.pages import page, paragraph
 from leadwerk_ingest.service import JSON_TYPE, ApiError, read_body
-from leadwerk_platform.envelope import derive_event_id, format_timestamp
+from leadwerk_platform.envelope import derive_event_id
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

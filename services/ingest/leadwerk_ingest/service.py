@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import time
 import uuid
 import zlib
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
