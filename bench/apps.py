@@ -2,10 +2,10 @@
 
 ``python -m bench.apps <kind> <port>`` with kind
 
-* ``ok``      – answers 200 ``{"success":true}`` (what uvicorn + HTTP cost),
-* ``produce`` – produces the request body as-is (no key) to the tracking topic and awaits the
+* ``ok``      - answers 200 ``{"success":true}`` (what uvicorn + HTTP cost),
+* ``produce`` - produces the request body as-is (no key) to the tracking topic and awaits the
   broker's ack (HTTP + one Kafka produce with ingest's producer options),
-* ``batch``   – parses ``{"batch": [...]}`` with orjson and produces every event separately
+* ``batch``   - parses ``{"batch": [...]}`` with orjson and produces every event separately
   (re-serialised with orjson, key = anonymousId), awaits every ack.
 
 Settings (broker, topic prefix, idempotence, host) come from the same environment variables

@@ -1,8 +1,8 @@
 """Python load generators for the ingest benchmark, run as their own process.
 
-* ``closed`` – N keep-alive connections, each sending its next request as soon as the previous
+* ``closed`` - N keep-alive connections, each sending its next request as soon as the previous
   answer arrived (max throughput; the fallback when ``wrk`` is not installed).
-* ``rate``   – open loop at a constant request rate (what ``wrk2`` does): request *i* is due at
+* ``rate``   - open loop at a constant request rate (what ``wrk2`` does): request *i* is due at
   ``start + i / rate`` and is handed to the first free connection; its latency is measured from
   the moment it was *due*, so queueing behind a slow server counts (no coordinated omission).
 
@@ -34,6 +34,7 @@ class Tally:
     measure_from: float
     measure_to: float
     latencies: list[float] = field(default_factory=list)
+    trace: list[tuple[float, float]] | None = None
     scheduled: int = 0
     completed: int = 0
     non_2xx: int = 0
@@ -45,6 +46,8 @@ class Tally:
             return
         self.completed += 1
         self.latencies.append(done - due)
+        if self.trace is not None:
+            self.trace.append((due, done - due))
         if not 200 <= status < 400:
             self.non_2xx += 1
 
@@ -125,7 +128,7 @@ async def constant_rate(args: argparse.Namespace, url: str,
     queue: asyncio.Queue[float] = asyncio.Queue()
     start = time.perf_counter() + 0.05
     end = start + args.warmup + args.duration
-    tally = Tally(start + args.warmup, end)
+    tally = Tally(start + args.warmup, end, trace=[] if args.trace else None)
 
     async def schedule() -> None:
         due_index = 0
@@ -168,6 +171,10 @@ async def constant_rate(args: argparse.Namespace, url: str,
         async with asyncio.timeout(args.grace):
             await queue.join()
     tally.unfinished = tally.scheduled - tally.completed
+    if args.trace and tally.trace is not None:
+        wall = time.time() - time.perf_counter()  # perf_counter → epoch seconds
+        args.trace.write_text("".join(f"{due + wall:.6f},{latency * 1000:.3f}\n"
+                                      for due, latency in tally.trace))
     for task in workers:
         task.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
@@ -188,16 +195,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="rate mode: write 'epoch seconds due,latency ms' per request")
     args = parser.parse_args()
     template = args.template.read_text(encoding="utf-8")
+    work = constant_rate if args.mode == "rate" else closed_loop
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover
-        runner = asyncio.run
-    work = constant_rate if args.mode == "rate" else closed_loop
-    result = runner(work(args, args.url, template))
+        result = asyncio.run(work(args, args.url, template))
+    else:
+        result = uvloop.run(work(args, args.url, template))
     sys.stdout.write(f"BENCH_RESULT {orjson.dumps(result).decode()}\n")
 
 

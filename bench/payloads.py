@@ -38,7 +38,7 @@ _EVENT = {
         "locale": "de-DE",
         "timezone": "Europe/Berlin",
         "page": {"path": "/pricing", "referrer": "https://mail.google.com/",
-                 "search": _PAGE_QUERY, "title": "Preise – Leadwerk",
+                 "search": _PAGE_QUERY, "title": "Preise – Leadwerk",  # noqa: RUF001 - real-world UTF-8
                  "url": f"https://www.example.com/pricing{_PAGE_QUERY}"},
         "userAgent": ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
                       "(KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),

@@ -16,9 +16,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from leadwerk_ingest.domain.enrich import campaign_fields
-from leadwerk_ingest.handlers import client_facts, token_event
+from leadwerk_ingest.handlers import RequestFacts, client_facts, token_event
 from leadwerk_ingest.pages import confirm_form, not_found, page, paragraph
-from leadwerk_ingest.service import ApiError, read_body
+from leadwerk_ingest.service import ApiError, RequestHead, read_body
 from leadwerk_platform.envelope import derive_event_id, format_timestamp
 from leadwerk_platform.tokens import EmailToken, InvalidTokenError, TokenKind
 
@@ -49,18 +49,22 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
             return None
         return verified
 
+    def facts_of(request: Request) -> RequestFacts:
+        return ingest.facts(RequestHead.from_scope(request.scope))
+
     def client(request: Request, token: EmailToken) -> dict[str, Any]:
         workspace = ingest.config.workspaces[token.workspace]
-        facts = ingest.facts(request)
+        facts = facts_of(request)
         return client_facts(facts, {}, anonymize=workspace.anonymize_ip,
                             bot=ingest.bots.is_bot(facts.user_agent))
 
     async def open_pixel(request: Request) -> Response:
         token = verify(TokenKind.OPEN, request.path_params["token"])
         if token is not None:
-            event = token_event("email_opened", token.workspace, token.contact_id,
-                                ingest.facts(request), {"email_message_id": token.message_id,
-                                                        "client": client(request, token)})
+            facts = facts_of(request)
+            event = token_event("email_opened", token.workspace, token.contact_id, facts,
+                                {"email_message_id": token.message_id,
+                                 "client": client(request, token)})
             try:
                 await ingest.produce([event])
             except ApiError as error:
@@ -72,7 +76,7 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
         if token is None or token.url is None:
             return not_found()
         event = token_event("email_clicked", token.workspace, token.contact_id,
-                            ingest.facts(request), {
+                            facts_of(request), {
                                 "email_message_id": token.message_id, "url": token.url,
                                 "link_id": token.link_id, "client": client(request, token),
                                 "campaign": campaign_fields({}, None, page_url=token.url)})
@@ -92,13 +96,14 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
                 str(request.url.path), "Möchten Sie sich von diesen E-Mails abmelden? "
                 "Do you want to unsubscribe from these emails?", "Abmelden / Unsubscribe"))
         try:
-            body = (await read_body(request, 4096)).decode()
+            body = (await read_body(request.receive, RequestHead.from_scope(request.scope),
+                                    4096)).decode()
         except (ApiError, UnicodeDecodeError):
             body = ""
         one_click = ("List-Unsubscribe", "One-Click") in parse_qsl(body)
         method = "one-click" if one_click else "page"
         event = token_event("unsubscribed", token.workspace, token.contact_id,
-                            ingest.facts(request), {
+                            facts_of(request), {
                                 "email_message_id": token.message_id,
                                 "purpose": token.purpose or "marketing", "method": method,
                                 "client": client(request, token)},
@@ -124,7 +129,7 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
                 str(request.url.path), "Bitte bestätigen Sie Ihre Anmeldung. "
                 "Please confirm your subscription.", "Bestätigen / Confirm"))
         event = token_event("optin_confirmed", token.workspace, token.contact_id,
-                            ingest.facts(request), {
+                            facts_of(request), {
                                 "email_message_id": token.message_id,
                                 "purpose": token.purpose or "marketing",
                                 "consent_text_version": token.consent_text_version,

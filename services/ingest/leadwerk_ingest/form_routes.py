@@ -15,7 +15,7 @@ from leadwerk_ingest.adapters.config import Form
 from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
 from leadwerk_ingest.pages import page, paragraph
-from leadwerk_ingest.service import JSON_TYPE, ApiError, read_body
+from leadwerk_ingest.service import JSON_TYPE, ApiError, RequestHead, read_body
 from leadwerk_platform.envelope import derive_event_id
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
     user_id = _text(fields.get("user_id")) or None
     message_id = _text(fields.get("message_id")) or str(uuid.uuid4())
     workspace = ingest.config.workspaces[form.workspace]
-    facts = ingest.facts(request)
+    facts = ingest.facts(RequestHead.from_scope(request.scope))
     page_url = _text(fields.get("page_url")) or request.headers.get("referer")
     context = {"page": {"url": page_url}} if page_url else {}
     message = {
@@ -92,13 +92,14 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
 def register(app: FastAPI, ingest: Ingest) -> None:
     async def submit(request: Request) -> Response:
         form = ingest.config.forms.get(request.path_params["form_id"])
-        wants_json = "json" in request.headers.get("content-type", "")
+        head = RequestHead.from_scope(request.scope)
+        wants_json = "json" in head.content_type
         workspace = ingest.config.workspaces[form.workspace] if form else None
-        cors = ingest.cors(request, workspace)
+        cors = ingest.cors(head, workspace)
         try:
             if form is None:
                 raise ApiError(404, "unknown_form", "no such form")
-            body = await read_body(request, ingest.settings.max_event_bytes)
+            body = await read_body(request.receive, head, ingest.settings.max_event_bytes)
             fields = _parse_fields(body, wants_json)
             event = form_event(ingest, form, fields, request)
             if event is not None:
@@ -120,7 +121,8 @@ def register(app: FastAPI, ingest: Ingest) -> None:
 
     async def preflight(request: Request) -> Response:
         form = ingest.config.forms.get(request.path_params["form_id"])
-        headers = ingest.cors(request, ingest.config.workspaces[form.workspace]) if form else {}
+        head = RequestHead.from_scope(request.scope)
+        headers = ingest.cors(head, ingest.config.workspaces[form.workspace]) if form else {}
         if not headers:
             return Response(status_code=403)
         return Response(status_code=204, headers={**headers, "Access-Control-Allow-Methods":

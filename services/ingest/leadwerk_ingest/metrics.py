@@ -29,6 +29,24 @@ class IngestMetrics:
             "leadwerk_ingest_produce_duration_seconds",
             "Time from handing a request's events to the producer until every ack.",
             buckets=_LATENCY_BUCKETS, registry=registry)
+        # labels() takes a lock and builds a key on every call; children are cached instead.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._accepted_children: dict[str, Any] = {}
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status)), self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def accepted_of(self, event_type: str) -> Any:
+        child = self._accepted_children.get(event_type)
+        if child is None:
+            child = self._accepted_children[event_type] = self.accepted.labels(event_type)
+        return child
 
 
 class MetricsMiddleware:
@@ -60,5 +78,5 @@ class MetricsMiddleware:
             route: Any = scope.get("route")
             template = (getattr(route, "path", None) or self.templates.get(scope.get("endpoint"))
                         or "unmatched")
-            self.metrics.requests.labels(template, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(template).observe(time.perf_counter() - start)
+            self.metrics.observe_request(template, scope["method"], status,
+                                         time.perf_counter() - start)

@@ -1,0 +1,179 @@
+"""The Segment-spec tracking routes, served as raw ASGI in front of the FastAPI app.
+
+These routes carry nearly all traffic, so they skip routing, middleware and Request/Response
+objects (see docs/decisions/0005-ingest-hot-path.md); everything else goes to FastAPI.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from leadwerk_ingest.adapters.config import Workspace
+from leadwerk_ingest.domain.enrich import BadTimestampError
+from leadwerk_ingest.domain.messages import CALL_TYPES, SHORT_PATHS, adapter
+from leadwerk_ingest.handlers import Outgoing, RequestFacts, segment_event
+from leadwerk_ingest.service import ApiError, Ingest, RequestHead, read_body, send_json
+
+_OK = orjson.dumps({"success": True})
+_BATCH = "batch"
+
+
+def tracking_routes() -> dict[str, str]:
+    """Path → call type (``batch`` for the batch endpoints)."""
+    routes = {f"/v1/{name}": name for name in CALL_TYPES}
+    routes.update({f"/v1/{short}": name for short, name in SHORT_PATHS.items()})
+    routes.update(dict.fromkeys(("/v1/batch", "/v1/b", "/v1/import"), _BATCH))
+    return routes
+
+
+def basic_auth_key(header: str | None) -> str | None:
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise ApiError(401, "invalid_write_key", "malformed Basic authorization") from None
+    return decoded.split(":", 1)[0]
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "invalid_json", "body must be a JSON object")
+    return parsed
+
+
+def authenticate(ingest: Ingest, head: RequestHead,
+                 payload: dict[str, Any]) -> tuple[str, Workspace]:
+    key = basic_auth_key(head.authorization)
+    if not key:
+        body_key = payload.get("writeKey")
+        key = body_key if isinstance(body_key, str) else None
+    if not key:
+        raise ApiError(401, "missing_write_key",
+                       "send the write key as Basic auth user name or as writeKey")
+    workspace = ingest.config.workspace_for_key(key)
+    if workspace is None:
+        raise ApiError(401, "invalid_write_key", "unknown write key")
+    return key, workspace
+
+
+def _validation_details(error: ValidationError, index: int | None = None) -> list[dict[str, Any]]:
+    details = []
+    for problem in error.errors(include_url=False, include_input=False):
+        location = [str(p) for p in problem["loc"] if not str(p).endswith("Call")]
+        detail: dict[str, Any] = {"field": ".".join(location) or "(event)",
+                                  "message": problem["msg"]}
+        if index is not None:
+            detail["index"] = index
+        details.append(detail)
+    return details
+
+
+def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
+                 raw_events: list[Any], *, batch_sent_at: str | None,
+                 call_type: str | None) -> list[Outgoing]:
+    """Validate and enrich; any bad event fails the whole request with every problem listed."""
+    validator = adapter(call_type or "batch")
+    events: list[Outgoing] = []
+    details: list[dict[str, Any]] = []
+    limit = ingest.settings.max_event_bytes
+    received_at = facts.received_at_text
+    for index, raw in enumerate(raw_events):
+        position = index if call_type is None else None
+        if not isinstance(raw, dict):
+            details.append({"index": index, "field": "(event)", "message": "not an object"})
+            continue
+        try:
+            call = validator.validate_python(raw)
+        except ValidationError as error:
+            details.extend(_validation_details(error, position))
+            continue
+        user_agent = call.context.get("userAgent")
+        bot = ingest.bots.is_bot(user_agent if isinstance(user_agent, str)
+                                 else facts.user_agent)
+        if bot and workspace.bots == "drop":
+            ingest.metrics.rejected.labels("bot").inc()
+            continue
+        try:
+            event = segment_event(call, workspace.id, facts, batch_sent_at=batch_sent_at,
+                                  anonymize=workspace.anonymize_ip, bot=bot,
+                                  received_at_text=received_at)
+        except BadTimestampError as error:
+            details.append({**({"index": index} if position is not None else {}),
+                            "field": "timestamp", "message": str(error)})
+            continue
+        # The size limit applies to the event as it goes on the wire (a single call's body
+        # was already bounded by read_body; enrichment adds a few hundred bytes at most).
+        if position is not None and len(event.value) > limit:
+            details.append({"index": index, "field": "(event)",
+                            "message": f"event exceeds {limit} bytes"})
+            continue
+        events.append(event)
+    if details:
+        ingest.metrics.rejected.labels("invalid").inc(len(raw_events))
+        raise ApiError(400, "invalid_event" if call_type else "invalid_batch",
+                       "event rejected" if call_type else "batch rejected: no event was "
+                       "accepted; fix the listed events and resend", details)
+    return events
+
+
+class TrackingRoutes:
+    """ASGI middleware: POSTs to a tracking path are answered here, the rest passes on."""
+
+    def __init__(self, app: ASGIApp, ingest: Ingest) -> None:
+        self.app = app
+        self.ingest = ingest
+        self.routes = tracking_routes()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            call_type = self.routes.get(scope["path"])
+            if call_type is not None:
+                start = time.perf_counter()
+                status = await self.track(scope, receive, send, call_type)
+                self.ingest.metrics.observe_request(scope["path"], "POST", status,
+                                                    time.perf_counter() - start)
+                return
+        await self.app(scope, receive, send)
+
+    async def track(self, scope: Scope, receive: Receive, send: Send, call_type: str) -> int:
+        ingest = self.ingest
+        head = RequestHead.from_scope(scope)
+        workspace: Workspace | None = None
+        single = call_type != _BATCH
+        try:
+            limit = ingest.settings.max_event_bytes if single else ingest.settings.max_batch_bytes
+            payload = parse_json(await read_body(receive, head, limit))
+            key, workspace = authenticate(ingest, head, payload)
+            if single:
+                payload["type"] = call_type
+                raw_events, batch_sent_at = [payload], None
+            else:
+                batch = payload.get("batch")
+                if not isinstance(batch, list) or not batch:
+                    raise ApiError(400, "invalid_batch", "batch must be a non-empty array")
+                raw_events = batch
+                sent_at = payload.get("sentAt")
+                batch_sent_at = sent_at if isinstance(sent_at, str) else None
+            ingest.rate_limit(key, workspace, len(raw_events))
+            events = build_events(ingest, workspace, ingest.facts(head), raw_events,
+                                  batch_sent_at=batch_sent_at,
+                                  call_type=call_type if single else None)
+            await ingest.produce(events)
+        except ApiError as error:
+            await send_json(send, error.status, error.body(),
+                            {**error.headers, **ingest.cors(head, workspace)})
+            return error.status
+        await send_json(send, 200, _OK, ingest.cors(head, workspace) if head.origin else {})
+        return 200
