@@ -33,12 +33,15 @@ def derive_event_id(workspace: str, message_id: str) -> str:
     Exactly ``uuid.uuid5(EVENT_ID_NAMESPACE, f"{workspace}\\x1f{message_id}")``, computed
     without building UUID objects (it runs for every ingested event).
     """
-    digest = bytearray(hashlib.sha1(  # noqa: S324 - UUIDv5 is defined on SHA-1; not security
-        EVENT_ID_NAMESPACE.bytes + f"{workspace}\x1f{message_id}".encode()).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50
-    digest[8] = (digest[8] & 0x3F) | 0x80
-    text = digest.hex()
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    digest = hashlib.sha1(  # noqa: S324 - UUIDv5 is defined on SHA-1; not used for security
+        _NAMESPACE_BYTES + f"{workspace}\x1f{message_id}".encode()).hexdigest()
+    # Version nibble 5; variant bits 10 (RFC 9562).
+    return (f"{digest[:8]}-{digest[8:12]}-5{digest[13:16]}-"
+            f"{_VARIANT[digest[16]]}{digest[17:20]}-{digest[20:32]}")
+
+
+_NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
+_VARIANT = {c: format((int(c, 16) & 0x3) | 0x8, "x") for c in "0123456789abcdef"}
 
 
 def format_timestamp(moment: datetime) -> str:

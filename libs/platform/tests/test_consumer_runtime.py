@@ -40,8 +40,7 @@ async def publish(settings: PlatformSettings, values: list[bytes]) -> None:
     publisher = Publisher(settings, "test")
     await publisher.start(wait=5)
     try:
-        await publisher.publish([OutgoingMessage(settings.topic(TOPIC), b"k", v) for v in values],
-                                timeout=5)
+        await publisher.publish([OutgoingMessage(settings.topic(TOPIC), b"k", v) for v in values])
     finally:
         await publisher.stop()
 

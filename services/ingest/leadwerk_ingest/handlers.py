@@ -76,7 +76,9 @@ def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent
     time = correct_event_time(facts.received_at, call.timestamp, call.originalTimestamp,
                               call.sentAt or batch_sent_at)
     message_id = call.messageId or str(uuid.uuid4())
-    context = {k: v for k, v in call.context.items() if k != "ip"}
+    context = call.context
+    if "ip" in context:  # the raw IP never goes on the wire; client.ip carries the anonymised one
+        context = {k: v for k, v in context.items() if k != "ip"}
     client = client_facts(facts, call.context, anonymize=anonymize, bot=bot)
     client["clock_skew_ms"] = time.skew_ms
     client["timestamp_clamped"] = time.clamped

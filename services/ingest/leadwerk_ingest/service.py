@@ -94,7 +94,8 @@ class Ingest:
         self.settings = settings
         self.config = config
         self.topic = settings.topic(TRACKING_TOPIC)
-        self.publisher = Publisher(settings, client_id="leadwerk-ingest")
+        self.publisher = Publisher(settings, client_id="leadwerk-ingest",
+                                   delivery_timeout=settings.produce_timeout)
         self.signer = TokenSigner(settings.secret_key.get_secret_value())
         self.bots = BotDetector()
         self.registry = new_registry()
@@ -131,8 +132,7 @@ class Ingest:
         start = time.perf_counter()
         try:
             await self.publisher.publish(
-                (OutgoingMessage(self.topic, e.key, e.value) for e in events),
-                timeout=self.settings.produce_timeout)
+                [OutgoingMessage(self.topic, e.key, e.value) for e in events])
         except PublishError as error:
             self.metrics.rejected.labels("broker_unavailable").inc(len(events))
             logger.warning("events not acknowledged by the broker",

@@ -63,7 +63,6 @@ class ConsumerPolicy:
     max_retries: int = 5
     retry_backoff: float = 0.2
     retry_backoff_max: float = 10.0
-    publish_timeout: float = 10.0
 
 
 class ConsumerRuntime:
@@ -186,9 +185,7 @@ class ConsumerRuntime:
                    *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in origin.items())]
         await self._publisher.publish(
             [OutgoingMessage(self._dead_letter_topics[record.topic], record.key,
-                             record.value or b"", headers)],
-            timeout=self._policy.publish_timeout,
-        )
+                             record.value or b"", headers)])
         self.dead_lettered += 1
         logger.warning("message dead-lettered", extra={k: v for k, v in origin.items()
                                                        if k != "failed-at"})

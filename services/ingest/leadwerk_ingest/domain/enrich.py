@@ -23,10 +23,19 @@ class BadTimestampError(ValueError):
 def _parse(value: str | None, field: str) -> datetime | None:
     if value is None:
         return None
+    parsed = _parse_cached(value)
+    if parsed is None:
+        raise BadTimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}")
+    return parsed
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(value: str) -> datetime | None:
+    """Cached: the events of a batch share ``sentAt`` and often their timestamps."""
     try:
         return parse_timestamp(value)
-    except ValueError as error:
-        raise BadTimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}") from error
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,26 +113,32 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
                     page_url: str | None = None, referrer: str | None = None) -> dict[str, str]:
     """Campaign attribution from ``context.campaign``, UTM parameters in the page URL, and the
     referrer. Explicit ``context.campaign`` values win over URL parameters."""
-    fields: dict[str, str] = {}
     raw_page = context.get("page")
     page: dict[str, Any] = raw_page if isinstance(raw_page, dict) else {}
     props = properties or {}
     url = page_url or page.get("url") or props.get("url")
-    if isinstance(url, str) and "?" in url:
-        fields.update(_utm(url))
-    explicit = context.get("campaign")
-    if isinstance(explicit, dict):
-        for key in _CAMPAIGN_KEYS:
-            given = explicit.get(key)
-            if isinstance(given, str) and given:
-                fields[key] = given[:500]
     ref: Any = referrer or page.get("referrer") or props.get("referrer")
     raw_referrer = context.get("referrer")
     if not ref and isinstance(raw_referrer, dict):
         ref = raw_referrer.get("url")
-    if isinstance(ref, str) and ref:
-        fields["referrer"] = ref[:2000]
-        host = _host(ref)
+    fields = dict(_from_urls(url if isinstance(url, str) else None,
+                             ref if isinstance(ref, str) and ref else None))
+    explicit = context.get("campaign")
+    if isinstance(explicit, dict) and explicit:
+        for key in _CAMPAIGN_KEYS:
+            given = explicit.get(key)
+            if isinstance(given, str) and given:
+                fields[key] = given[:500]
+    return fields
+
+
+@lru_cache(maxsize=4096)
+def _from_urls(url: str | None, referrer: str | None) -> tuple[tuple[str, str], ...]:
+    """UTM fields of the page URL plus the referrer and its host (cached per pair)."""
+    fields = dict(_utm(url)) if url and "?" in url else {}
+    if referrer:
+        fields["referrer"] = referrer[:2000]
+        host = _host(referrer)
         if host:
             fields["referrer_host"] = host
-    return fields
+    return tuple(fields.items())
