@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -30,9 +30,8 @@ class RequestFacts:
         return format_timestamp(self.received_at)
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """An encoded tracking event, ready for the producer."""
+class Outgoing(NamedTuple):
+    """An encoded tracking event, ready for the producer (a tuple: built for every event)."""
 
     key: bytes
     type: str

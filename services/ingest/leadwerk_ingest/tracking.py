@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -33,7 +34,9 @@ def tracking_routes() -> dict[str, str]:
     return routes
 
 
+@lru_cache(maxsize=1024)
 def basic_auth_key(header: str | None) -> str | None:
+    """The write key of a Basic ``Authorization`` header (cached: a site sends the same one)."""
     if not header or header[:6].lower() != "basic ":
         return None
     try:
