@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -16,8 +15,7 @@ from leadwerk_platform.envelope import derive_event_id, format_timestamp
 PRODUCER = "ingest"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
+class RequestFacts(NamedTuple):
     """What the HTTP layer knows about the request, independent of its body."""
 
     received_at: datetime

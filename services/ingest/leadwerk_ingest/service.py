@@ -12,9 +12,8 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.responses import Response
@@ -56,9 +55,9 @@ class ApiError(Exception):
                         JSON_TYPE)
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """The request headers ingest looks at, read in one pass over the ASGI scope."""
+class RequestHead(NamedTuple):
+    """The request headers ingest looks at, read in one pass over the ASGI scope (a tuple:
+    built for every request, cheaper than a frozen dataclass)."""
 
     authorization: str | None = None
     content_encoding: str = "identity"

@@ -119,24 +119,27 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
     raw_referrer = context.get("referrer")
     if not ref and isinstance(raw_referrer, dict):
         ref = raw_referrer.get("url")
-    fields = dict(_from_urls(url if isinstance(url, str) else None,
-                             ref if isinstance(ref, str) and ref else None))
+    fields = _from_urls(url if isinstance(url, str) else None,
+                        ref if isinstance(ref, str) and ref else None)
     explicit = context.get("campaign")
-    if isinstance(explicit, dict) and explicit:
-        for key in _CAMPAIGN_KEYS:
-            given = explicit.get(key)
-            if isinstance(given, str) and given:
-                fields[key] = given[:500]
+    if not isinstance(explicit, dict) or not explicit:
+        return fields  # the shared cached dict: callers only serialise it
+    fields = dict(fields)
+    for key in _CAMPAIGN_KEYS:
+        given = explicit.get(key)
+        if isinstance(given, str) and given:
+            fields[key] = given[:500]
     return fields
 
 
 @lru_cache(maxsize=4096)
-def _from_urls(url: str | None, referrer: str | None) -> tuple[tuple[str, str], ...]:
-    """UTM fields of the page URL plus the referrer and its host (cached per pair)."""
+def _from_urls(url: str | None, referrer: str | None) -> dict[str, str]:
+    """UTM fields of the page URL plus the referrer and its host (cached per pair; the result
+    is shared and must not be modified)."""
     fields = dict(_utm(url)) if url and "?" in url else {}
     if referrer:
         fields["referrer"] = referrer[:2000]
         host = _host(referrer)
         if host:
             fields["referrer_host"] = host
-    return tuple(fields.items())
+    return fields
