@@ -724,6 +724,11 @@ def render_doc(facts: dict[str, str], args: argparse.Namespace, generator: str, 
         "past 25 ms. The reference rows at the same rate show what the generator and the "
         "bare produce path contribute.",
         "",
+        "## Where ingest's time goes",
+        "",
+        "The gap to the baselines, what was done about it and what is left is analysed in "
+        "[ADR 0006](decisions/0006-ingest-performance.md).",
+        "",
         "## Reproduce",
         "",
         "```sh",
