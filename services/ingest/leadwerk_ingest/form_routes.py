@@ -15,7 +15,7 @@ from leadwerk_ingest.adapters.config import Form
 from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
 from leadwerk_ingest.pages import page, paragraph
-from leadwerk_ingest.service import JSON_TYPE, ApiError, RequestHead, read_body
+from leadwerk_ingest.service import JSON_TYPE, ApiError, RequestHead, parse_json, read_body
 from leadwerk_platform.envelope import derive_event_id
 
 if TYPE_CHECKING:
@@ -135,13 +135,7 @@ def register(app: FastAPI, ingest: Ingest) -> None:
 
 def _parse_fields(body: bytes, wants_json: bool) -> dict[str, Any]:
     if wants_json:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as error:
-            raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}") from error
-        if not isinstance(parsed, dict):
-            raise ApiError(400, "invalid_json", "body must be a JSON object")
-        return parsed
+        return parse_json(body)
     try:
         return dict(parse_qsl(body.decode(), keep_blank_values=True, max_num_fields=200))
     except (UnicodeDecodeError, ValueError) as error:

@@ -193,6 +193,17 @@ async def read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
     return inflated
 
 
+def parse_json(body: bytes) -> dict[str, Any]:
+    """A JSON object, or a 400 naming what is wrong with the body."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}") from error
+    if not isinstance(parsed, dict):
+        raise ApiError(400, "invalid_json", "body must be a JSON object")
+    return parsed
+
+
 async def send_json(send: Send, status: int, body: bytes, headers: dict[str, str]) -> None:
     """Answer directly on the ASGI channel (the hot path has no Response object)."""
     raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]

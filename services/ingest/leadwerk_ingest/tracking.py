@@ -20,7 +20,14 @@ from leadwerk_ingest.adapters.config import Workspace
 from leadwerk_ingest.domain.enrich import BadTimestampError
 from leadwerk_ingest.domain.messages import CALL_TYPES, SHORT_PATHS, adapter
 from leadwerk_ingest.handlers import Outgoing, RequestFacts, segment_event
-from leadwerk_ingest.service import ApiError, Ingest, RequestHead, read_body, send_json
+from leadwerk_ingest.service import (
+    ApiError,
+    Ingest,
+    RequestHead,
+    parse_json,
+    read_body,
+    send_json,
+)
 
 _OK = orjson.dumps({"success": True})
 _BATCH = "batch"
@@ -44,16 +51,6 @@ def basic_auth_key(header: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         raise ApiError(401, "invalid_write_key", "malformed Basic authorization") from None
     return decoded.split(":", 1)[0]
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise ApiError(400, "invalid_json", f"body is not valid JSON: {error}") from error
-    if not isinstance(parsed, dict):
-        raise ApiError(400, "invalid_json", "body must be a JSON object")
-    return parsed
 
 
 def authenticate(ingest: Ingest, head: RequestHead,

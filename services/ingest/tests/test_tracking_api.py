@@ -259,3 +259,13 @@ async def test_cors_follows_each_workspaces_allowed_origins(
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     assert refused.status_code == 403
     assert "Access-Control-Allow-Origin" not in posted.headers
+
+
+async def test_extra_write_keys_from_the_environment(
+        topics: str, platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEADWERK_WRITE_KEYS", "site-a, site-b")
+    async with serve_app(create_app(IngestSettings())) as url, httpx.AsyncClient(
+            base_url=url) as client:
+        accepted = await client.post("/v1/track", json=track(), auth=("site-b", ""))
+        refused = await client.post("/v1/track", json=track(), auth=("site-c", ""))
+    assert (accepted.status_code, refused.status_code) == (200, 401)
