@@ -161,9 +161,8 @@ class Ingest:
 
 async def read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
     """The request body, decompressed when gzip/deflate, refusing anything over ``limit``."""
-    too_large = ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
     if head.content_length is not None and head.content_length > limit:
-        raise too_large
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -173,7 +172,7 @@ async def read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -189,8 +188,12 @@ async def read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:
     except zlib.error as error:
         raise ApiError(400, "invalid_encoding", f"body is not valid {encoding}") from error
     if len(inflated) > limit or decompressor.unconsumed_tail:
-        raise too_large
+        raise _too_large(limit)
     return inflated
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
