@@ -13,6 +13,8 @@ from leadwerk_ingest.domain.messages import Call
 from leadwerk_platform.envelope import derive_event_id, format_timestamp
 
 PRODUCER = "ingest"
+_EVENT_TYPES = {kind: f"tracking.{kind}.v1"
+                for kind in ("track", "page", "screen", "identify", "group", "alias")}
 
 
 class RequestFacts(NamedTuple):
@@ -104,9 +106,10 @@ def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent
         case "alias":
             data["previous_id"] = call.previousId
     data["campaign"] = campaign_fields(call.context, properties)
+    event_type = _EVENT_TYPES[call.type]
     message = {
         "id": derive_event_id(workspace, message_id),
-        "type": f"tracking.{call.type}.v1",
+        "type": event_type,
         "workspace": workspace,
         "occurred_at": (received_at_text or facts.received_at_text) if time.occurred_at
         is facts.received_at else format_timestamp(time.occurred_at),
@@ -115,7 +118,8 @@ def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent
         "correlation_id": facts.correlation_id,
         "data": data,
     }
-    return Outgoing.encode(identity_key(workspace, call.userId, call.anonymousId), message)
+    key = identity_key(workspace, call.userId, call.anonymousId)
+    return Outgoing(key, event_type, orjson.dumps(message))
 
 
 def token_event(event_type: str, workspace: str, contact_id: str, facts: RequestFacts,

@@ -89,6 +89,7 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
     details: list[dict[str, Any]] = []
     limit = ingest.settings.max_event_bytes
     received_at = facts.received_at_text
+    bots: dict[str | None, bool] = {}
     for index, raw in enumerate(raw_events):
         position = index if call_type is None else None
         if not isinstance(raw, dict):
@@ -99,9 +100,11 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
         except ValidationError as error:
             details.extend(_validation_details(error, position))
             continue
-        user_agent = call.context.get("userAgent")
-        bot = ingest.bots.is_bot(user_agent if isinstance(user_agent, str)
-                                 else facts.user_agent)
+        agent = call.context.get("userAgent")
+        user_agent = agent if isinstance(agent, str) else facts.user_agent
+        bot = bots.get(user_agent)
+        if bot is None:  # the events of a batch nearly always share one user agent
+            bot = bots[user_agent] = ingest.bots.is_bot(user_agent)
         if bot and workspace.bots == "drop":
             ingest.metrics.rejected.labels("bot").inc()
             continue
