@@ -21,7 +21,7 @@ async def test_urlencoded_form_becomes_an_event_and_redirects(ingest: RunningIng
             "/f/ebook-download", data=FORM,
             headers={"Referer": "https://example.com/ebook?utm_source=linkedin"})
     assert response.status_code == 303
-    assert response.headers["location"] == "http://localhost:8080/thanks"
+    assert response.headers["location"] == "https://www.example.com/ebook/danke"
     [record] = await read_topic(ingest.bootstrap, ingest.topic, 1)
     assert record.key == b"dev:a:anon-cookie"
     event = values([record])[0]
@@ -41,7 +41,7 @@ async def test_json_form_without_consent(ingest: RunningIngest) -> None:
         response = await client.post("/f/ebook-download", json={
             "email": "b@example.com", "anonymous_id": "anon-2", "message_id": "m-1"})
     assert response.status_code == 200
-    assert response.json() == {"success": True, "redirect": "http://localhost:8080/thanks"}
+    assert response.json() == {"success": True, "redirect": "https://www.example.com/ebook/danke"}
     [event] = values(await read_topic(ingest.bootstrap, ingest.topic, 1))
     assert event["data"]["consents"][0]["given"] is False
     assert event["data"]["anonymous_id"] == "anon-2"
