@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import asyncpg
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from leadwerk_platform.kafka.producer import Publisher
+from leadwerk_platform.embedded import EmbeddedBroker, free_port
+from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, PublishError
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.migrations import upgrade
 from leadwerk_platform.registry import ContractRegistry
@@ -65,3 +67,29 @@ async def test_publisher_readiness_follows_the_broker(platform_env: dict[str, st
     await reachable.start(wait=5)
     assert await reachable.check() is True
     await reachable.stop()
+
+
+async def test_publish_deadline_holds_when_the_producer_retries_forever(
+        platform_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the idempotent producer (real Kafka) aiokafka never expires a batch; emulate that
+    retry rule on the embedded broker and check the publisher's own deadline still answers."""
+    from aiokafka.producer import sender  # noqa: PLC0415 - the rule being emulated
+
+    monkeypatch.setattr(sender.SendProduceReqHandler, "_can_retry",
+                        lambda self, error, batch: error.retriable)
+    broker = EmbeddedBroker(free_port())
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", broker.start())
+    publisher = Publisher(PlatformSettings(), "test", delivery_timeout=1.0)
+    try:
+        await publisher.start(wait=5)
+        await publisher.publish([OutgoingMessage("deadline", b"k", b"before")])
+        broker.kill()
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="not acknowledged within"):
+            await publisher.publish([OutgoingMessage("deadline", b"k", b"after")])
+        assert time.monotonic() - started < 3
+    finally:
+        started = time.monotonic()
+        await publisher.stop()
+        assert time.monotonic() - started < 3
+        broker.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from leadwerk_platform.kafka.config import producer_options
 from leadwerk_platform.settings import PlatformSettings
@@ -45,10 +46,15 @@ class Publisher:
         """``delivery_timeout``: how long :meth:`publish` may wait for the broker's acks."""
         self._options = {**producer_options(settings, client_id),
                          "request_timeout_ms": int(delivery_timeout * 1000)}
+        self._delivery_timeout = delivery_timeout
         self._reconnect_interval = reconnect_interval
         self._producer: AIOKafkaProducer | None = None
         self._connector: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        # (deadline, futures of one publish call), in deadline order: the deadline is constant.
+        self._in_flight: collections.deque[tuple[float, list[asyncio.Future[Any]]]] = (
+            collections.deque())
 
     @property
     def ready(self) -> bool:
@@ -57,6 +63,7 @@ class Publisher:
     async def start(self, wait: float | None = None) -> None:
         """Begin connecting; with ``wait``, block up to that many seconds for a connection."""
         self._connector = asyncio.create_task(self._connect(), name="publisher-connect")
+        self._watchdog = asyncio.create_task(self._expire(), name="publisher-deadlines")
         if wait:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._started.wait(), wait)
@@ -76,37 +83,55 @@ class Publisher:
             self._started.set()
             return
 
+    async def _expire(self, interval: float = 0.1) -> None:
+        """Fail acks that are overdue. aiokafka expires unacknowledged batches after
+        ``request_timeout_ms`` only without the idempotent producer (with it, it retries
+        forever), so the deadline is enforced here, by one sweep for all calls, instead of a
+        timer per call (a timer per call cost a fifth of ingest's produce path)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            while self._in_flight and self._in_flight[0][0] <= now:
+                _, futures = self._in_flight.popleft()
+                for future in futures:
+                    if not future.done():  # aiokafka checks done() before resolving
+                        future.set_exception(KafkaTimeoutError(
+                            f"not acknowledged within {self._delivery_timeout}s"))
+
     async def stop(self) -> None:
-        if self._connector is not None:
-            self._connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connector
+        for task in (self._connector, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._producer is not None:
-            await self._producer.stop()
+            try:  # flushing waits on the broker: bounded, as every other wait here
+                async with asyncio.timeout(self._delivery_timeout):
+                    await self._producer.stop()
+            except TimeoutError:
+                logger.warning("producer stopped without every ack (callers got errors; "
+                               "their retries deduplicate)")
             self._producer = None
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         """Send every message and wait for all acks; raise :class:`PublishError` otherwise.
 
-        The deadline is the producer's own ``request_timeout_ms`` (``delivery_timeout``): aiokafka
-        fails a send that waits longer for metadata, buffer space or the ack, so no timer is
-        armed per call (it cost a fifth of ingest's produce path). On a failure some messages
-        may still reach the broker: callers rely on deterministic event ids so that a retry
-        deduplicates downstream.
+        Every wait is bounded by ``delivery_timeout``: aiokafka's ``request_timeout_ms`` bounds
+        the waits for metadata and buffer space, :meth:`_expire` the wait for acks. On a failure
+        some messages may still reach the broker: callers rely on deterministic event ids so
+        that a retry deduplicates downstream.
         """
         producer = self._producer
         if producer is None:
             raise PublishError("broker not connected")
         try:
-            if len(messages) == 1:
-                message = messages[0]
-                await (await producer.send(message.topic, message.value, key=message.key,
-                                           headers=list(message.headers) or None))
-                return
             futures = [await producer.send(m.topic, m.value, key=m.key,
                                            headers=list(m.headers) or None) for m in messages]
         except KafkaError as error:
             raise PublishError(f"broker refused or timed out: {error!r}") from error
+        self._in_flight.append((asyncio.get_running_loop().time() + self._delivery_timeout,
+                                futures))
         failure: KafkaError | None = None
         for future in futures:  # all are in flight already; awaiting in order is cheapest
             try:
