@@ -37,6 +37,12 @@ def _text(value: Any) -> str | None:
     return str(value).strip()[:_MAX_FIELD]
 
 
+def _id(value: Any) -> str | None:
+    """An identifier from the form: the tracking API's limit of 256 characters applies."""
+    text = _text(value)
+    return text[:256] if text else None
+
+
 def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
                request: Request) -> Outgoing | None:
     """Validate and map a submission; None for a bot caught by the honeypot."""
@@ -61,10 +67,10 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
     consents = [{"purpose": c.purpose, "given": (_text(fields.get(c.field)) or "").lower() in _TRUE,
                  "text_version": c.text_version, "double_opt_in": c.double_opt_in}
                 for c in form.consents]
-    anonymous_id = (_text(fields.get("anonymous_id")) or request.cookies.get(ANONYMOUS_COOKIE)
+    anonymous_id = (_id(fields.get("anonymous_id")) or _id(request.cookies.get(ANONYMOUS_COOKIE))
                     or str(uuid.uuid4()))
-    user_id = _text(fields.get("user_id")) or None
-    message_id = _text(fields.get("message_id")) or str(uuid.uuid4())
+    user_id = _id(fields.get("user_id"))
+    message_id = _id(fields.get("message_id")) or str(uuid.uuid4())
     workspace = ingest.config.workspaces[form.workspace]
     facts = ingest.facts(RequestHead.from_scope(request.scope))
     page_url = _text(fields.get("page_url")) or request.headers.get("referer")

@@ -7,7 +7,6 @@ objects (see docs/decisions/0005-ingest-hot-path.md); everything else goes to Fa
 from __future__ import annotations
 
 import base64
-import binascii
 import time
 from functools import lru_cache
 from typing import Any
@@ -41,14 +40,23 @@ def tracking_routes() -> dict[str, str]:
     return routes
 
 
-@lru_cache(maxsize=1024)
 def basic_auth_key(header: str | None) -> str | None:
     """The write key of a Basic ``Authorization`` header (cached: a site sends the same one)."""
+    if header is not None and len(header) > _CACHEABLE_AUTHORIZATION:
+        return _basic_auth_key.__wrapped__(header)
+    return _basic_auth_key(header)
+
+
+_CACHEABLE_AUTHORIZATION = 512
+
+
+@lru_cache(maxsize=1024)
+def _basic_auth_key(header: str | None) -> str | None:
     if not header or header[:6].lower() != "basic ":
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError; so is non-ASCII
         raise ApiError(401, "invalid_write_key", "malformed Basic authorization") from None
     return decoded.split(":", 1)[0]
 
@@ -116,6 +124,10 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
             details.append({**({"index": index} if position is not None else {}),
                             "field": "timestamp", "message": str(error)})
             continue
+        except orjson.JSONEncodeError:  # orjson writes 254 levels of nesting, reads 1024
+            details.append({**({"index": index} if position is not None else {}),
+                            "field": "(event)", "message": "nested too deeply"})
+            continue
         # The size limit applies to the event as it goes on the wire (a single call's body
         # was already bounded by read_body; enrichment adds a few hundred bytes at most).
         if position is not None and len(event.value) > limit:
@@ -144,9 +156,12 @@ class TrackingRoutes:
             call_type = self.routes.get(scope["path"])
             if call_type is not None:
                 start = time.perf_counter()
-                status = await self.track(scope, receive, send, call_type)
-                self.ingest.metrics.observe_request(scope["path"], "POST", status,
-                                                    time.perf_counter() - start)
+                status = 500  # counted as such if a bug escapes; uvicorn answers the 500
+                try:
+                    status = await self.track(scope, receive, send, call_type)
+                finally:
+                    self.ingest.metrics.observe_request(scope["path"], "POST", status,
+                                                        time.perf_counter() - start)
                 return
         await self.app(scope, receive, send)
 

@@ -23,6 +23,13 @@ pytestmark = pytest.mark.integration
 AUTH = ("dev-write-key", "")
 
 
+def deep(levels: int) -> dict[str, object]:
+    nested: dict[str, object] = {}
+    for _ in range(levels):
+        nested = {"x": nested}
+    return nested
+
+
 def track(**overrides: object) -> dict[str, object]:
     return {"anonymousId": "anon-1", "event": "Demo Video Watched",
             "messageId": str(uuid.uuid4()), "properties": {"video": "demo"}, **overrides}
@@ -269,3 +276,22 @@ async def test_extra_write_keys_from_the_environment(
         accepted = await client.post("/v1/track", json=track(), auth=("site-b", ""))
         refused = await client.post("/v1/track", json=track(), auth=("site-c", ""))
     assert (accepted.status_code, refused.status_code) == (200, 401)
+
+
+@pytest.mark.parametrize(("body", "headers", "status"), [
+    (track(timestamp="0001-01-01T00:00:00+01:00"), {}, 400),
+    (track(timestamp="9999-12-31T00:00:00Z", sentAt="0001-01-01T00:00:00Z"), {}, 400),
+    (track(timestamp="0001-01-01T00:00:00Z", sentAt="9999-12-31T00:00:00Z"), {}, 400),
+    (track(properties={"a": 1}), {"Authorization": b"Basic \xe9\xe9"}, 401),
+    (track(properties=deep(300)), {}, 400),
+])
+async def test_edge_inputs_are_client_errors_not_crashes(
+        ingest: RunningIngest, body: dict[str, object], headers: dict[str, object],
+        status: int) -> None:
+    auth = None if headers else AUTH
+    async with httpx.AsyncClient(base_url=ingest.url) as client:
+        single = await client.post("/v1/track", json=body, auth=auth, headers=headers)
+        batch = await client.post("/v1/batch", json={"batch": [{"type": "track", **body}]},
+                                  auth=auth, headers=headers)
+    assert (single.status_code, batch.status_code) == (status, status), single.text
+    assert single.json()["error"]["message"]

@@ -23,7 +23,9 @@ class CachedPartitioner:
                  available: list[int]) -> int:
         if key is None:
             return random.choice(available or all_partitions)  # noqa: S311 - not crypto
-        partition: int = all_partitions[self._hash(key) % len(all_partitions)]
+        # Long keys are hashed uncached: cached keys are kept, and keys come from clients.
+        digest = self._hash(key) if len(key) <= 256 else murmur2(key) & 0x7FFFFFFF
+        partition: int = all_partitions[digest % len(all_partitions)]
         return partition
 
 

@@ -21,4 +21,4 @@ class BotDetector:
         """Empty user agents are not flagged: server-side SDKs legitimately send none."""
         if not user_agent:
             return False
-        return self._is_bot(user_agent[:1000])
+        return self._is_bot(user_agent[:512])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
@@ -19,10 +19,18 @@ class BadTimestampError(ValueError):
     pass
 
 
+#: Cached parsers keep client-controlled strings as keys: only short ones are cached, so a
+#: client cannot fill memory with huge keys (the entry counts are bounded by lru_cache).
+_CACHEABLE_TIMESTAMP = 64
+_CACHEABLE_URLS = 2048
+_MAX_IP = 45  # the longest textual IPv6 address
+
+
 def _parse(value: str | None, field: str) -> datetime | None:
     if value is None:
         return None
-    parsed = _parse_cached(value)
+    parse = _parse_cached if len(value) <= _CACHEABLE_TIMESTAMP else _parse_cached.__wrapped__
+    parsed = parse(value)
     if parsed is None:
         raise BadTimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}")
     return parsed
@@ -55,11 +63,15 @@ def correct_event_time(received_at: datetime, timestamp: str | None,
     if client_time is None:
         return EventTime(received_at, 0, clamped=False)
     skew_ms = 0
-    occurred = client_time
-    if sent is not None:
-        skew = received_at - sent
-        skew_ms = int(skew.total_seconds() * 1000)
-        occurred = client_time + skew
+    try:
+        occurred = client_time.astimezone(UTC) if client_time.tzinfo is not UTC else client_time
+        if sent is not None:
+            skew = received_at - sent
+            skew_ms = int(skew.total_seconds() * 1000)
+            occurred = occurred + skew
+    except OverflowError as error:  # e.g. year 1 with a positive offset, or a huge skew
+        raise BadTimestampError("timestamp and sentAt give a time outside the calendar "
+                                "(years 1 to 9999)") from error
     if occurred > received_at:
         return EventTime(received_at, skew_ms, clamped=True)
     return EventTime(occurred, skew_ms, clamped=False)
@@ -67,7 +79,7 @@ def correct_event_time(received_at: datetime, timestamp: str | None,
 
 def anonymize_ip(address: str | None) -> str | None:
     """Zero the last IPv4 octet, keep only the /48 of an IPv6 address; junk becomes None."""
-    if not address:
+    if not address or len(address) > _MAX_IP:
         return None
     return _anonymize(address)
 
@@ -119,8 +131,9 @@ def campaign_fields(context: dict[str, Any], properties: dict[str, Any] | None =
     raw_referrer = context.get("referrer")
     if not ref and isinstance(raw_referrer, dict):
         ref = raw_referrer.get("url")
-    fields = _from_urls(url if isinstance(url, str) else None,
-                        ref if isinstance(ref, str) and ref else None)
+    url = url[:_CACHEABLE_URLS] if isinstance(url, str) else None
+    ref = ref[:_CACHEABLE_URLS] if isinstance(ref, str) and ref else None
+    fields = _from_urls(url, ref)
     explicit = context.get("campaign")
     if not isinstance(explicit, dict) or not explicit:
         return fields  # the shared cached dict: callers only serialise it
