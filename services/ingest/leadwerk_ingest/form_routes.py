@@ -14,6 +14,7 @@ from starlette.responses import RedirectResponse, Response
 from leadwerk_ingest.adapters.config import Form
 from leadwerk_ingest.domain.enrich import campaign_fields
 from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
+from leadwerk_ingest.pages import not_found as not_found_page
 from leadwerk_ingest.pages import page, paragraph
 from leadwerk_ingest.service import JSON_TYPE, ApiError, RequestHead, parse_json, read_body
 from leadwerk_platform.envelope import derive_event_id
@@ -100,11 +101,14 @@ def register(app: FastAPI, ingest: Ingest) -> None:
         form = ingest.config.forms.get(request.path_params["form_id"])
         head = RequestHead.from_scope(request.scope)
         wants_json = "json" in head.content_type
-        workspace = ingest.config.workspaces[form.workspace] if form else None
+        if form is None:
+            error = ApiError(404, "unknown_form", "no such form")
+            return error.response() if wants_json else not_found_page()
+        workspace = ingest.config.workspaces[form.workspace]
         cors = ingest.cors(head, workspace)
         try:
-            if form is None:
-                raise ApiError(404, "unknown_form", "no such form")
+            # Forms need no key, so each form gets its own bucket at the workspace's rate.
+            ingest.rate_limit(f"form:{form.id}", workspace, 1)
             body = await read_body(request.receive, head, ingest.settings.max_event_bytes)
             fields = _parse_fields(body, wants_json)
             event = form_event(ingest, form, fields, request)

@@ -114,6 +114,9 @@ class Ingest:
         )
 
     def rate_limit(self, key: str, workspace: Workspace, events: int) -> None:
+        if events > workspace.rate_limit.burst:  # could never pass: retrying cannot help
+            raise ApiError(413, "batch_too_large", f"{events} events exceed the write key's "
+                           f"burst of {workspace.rate_limit.burst:g}; send smaller batches")
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = TokenBucket(workspace.rate_limit.events_per_second,
@@ -155,8 +158,12 @@ class Ingest:
                    else self.config.any_allows_origin(origin))
         if not allowed:
             return {}
-        return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true",
-                "Vary": "Origin"}
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        named = ([workspace] if workspace is not None else self.config.workspaces.values())
+        if any(origin in ws.allowed_origins for ws in named):
+            # Credentials only for origins named explicitly, never for a "*" workspace.
+            headers["Access-Control-Allow-Credentials"] = "true"
+        return headers
 
 
 async def read_body(receive: Receive, head: RequestHead, limit: int) -> bytes:

@@ -128,12 +128,12 @@ def build_events(ingest: Ingest, workspace: Workspace, facts: RequestFacts,
             details.append({**({"index": index} if position is not None else {}),
                             "field": "(event)", "message": "nested too deeply"})
             continue
-        # The size limit applies to the event as it goes on the wire (a single call's body
-        # was already bounded by read_body; enrichment adds a few hundred bytes at most).
-        if position is not None and len(event.value) > limit:
-            details.append({"index": index, "field": "(event)",
-                            "message": f"event exceeds {limit} bytes"})
-            continue
+        # A single call's body was bounded by read_body. In a batch, only an event whose
+        # envelope came out large can be too large itself; the client's bytes decide.
+        if position is not None and len(event.value) > limit and len(orjson.dumps(raw)) > limit:
+            ingest.metrics.rejected.labels("too_large").inc(len(raw_events))
+            raise ApiError(413, "event_too_large",
+                           f"batch[{index}] exceeds {limit} bytes; no event was accepted")
         events.append(event)
     if details:
         ingest.metrics.rejected.labels("invalid").inc(len(raw_events))

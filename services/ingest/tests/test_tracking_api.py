@@ -171,8 +171,8 @@ async def test_oversized_event_and_batch_get_413(ingest: RunningIngest) -> None:
                                  headers={"Content-Encoding": "gzip"})
     assert single.status_code == 413
     assert batch.status_code == 413
-    assert one_big_in_batch.status_code == 400
-    assert one_big_in_batch.json()["error"]["details"][0]["message"].startswith("event exceeds")
+    assert one_big_in_batch.status_code == 413
+    assert one_big_in_batch.json()["error"]["message"].startswith("batch[0] exceeds")
     assert bomb.status_code == 413
 
 
@@ -187,10 +187,14 @@ async def test_rate_limit_answers_429_with_retry_after(
         statuses = [(await client.post("/v1/track", json=track(), auth=("k", ""))).status_code
                     for _ in range(5)]
         limited = await client.post("/v1/track", json=track(), auth=("k", ""))
+        never = await client.post("/v1/batch", auth=("k", ""), json={
+            "batch": [{"type": "track", **track()} for _ in range(4)]})
     assert statuses[:3] == [200, 200, 200]
     assert 429 in statuses[3:]
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) >= 1
+    assert never.status_code == 413  # more events than the burst: retrying cannot help
+    assert never.json()["error"]["code"] == "batch_too_large"
 
 
 async def test_broker_down_answers_503_with_retry_after(
@@ -223,6 +227,7 @@ async def test_health_metrics_and_cors(ingest: RunningIngest) -> None:
         metrics = (await client.get("/metrics")).text
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://www.example.com"
+    assert "Access-Control-Allow-Credentials" not in preflight.headers  # "*" workspace
     assert 'leadwerk_ingest_events_accepted_total{type="tracking.track.v1"} 1.0' in metrics
     assert 'leadwerk_ingest_http_requests_total{method="POST",route="/v1/track",status="200"}' \
         in metrics
@@ -264,6 +269,7 @@ async def test_cors_follows_each_workspaces_allowed_origins(
                                    headers={"Origin": "https://evil.example"})
     assert allowed.status_code == 204
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+    assert allowed.headers["Access-Control-Allow-Credentials"] == "true"
     assert refused.status_code == 403
     assert "Access-Control-Allow-Origin" not in posted.headers
 
