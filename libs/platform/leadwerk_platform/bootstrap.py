@@ -20,12 +20,14 @@ from leadwerk_platform.settings import PlatformSettings
 logger = logging.getLogger(__name__)
 
 
-def prepare(settings: PlatformSettings, replication_factor: int | None = None) -> None:
+def prepare(settings: PlatformSettings, replication_factor: int | None = None, *,
+            grow_partitions: bool = False) -> None:
     registry = ContractRegistry.load(settings.schemas_dir)
     problems = registry.check()
     if problems:
         raise SystemExit("schema registry incomplete:\n  " + "\n  ".join(problems))
-    report = asyncio.run(provision_topics(settings, registry, replication_factor))
+    report = asyncio.run(provision_topics(settings, registry, replication_factor,
+                                          grow_partitions=grow_partitions))
     logger.info("topics ready", extra={"topics_created": len(report.created),
                                        "topics_existing": len(report.existing)})
     for service in installed_services():
@@ -41,10 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--replication-factor", type=int, default=None,
                         help="override the registry's replication factor (1 for one broker)")
+    parser.add_argument("--grow-partitions", action="store_true",
+                        help="add partitions where the registry asks for more (re-maps keys)")
     args = parser.parse_args()
     settings = PlatformSettings()
     configure_logging("bootstrap", settings.log_level, settings.log_format)
-    prepare(settings, args.replication_factor)
+    prepare(settings, args.replication_factor, grow_partitions=args.grow_partitions)
 
 
 if __name__ == "__main__":

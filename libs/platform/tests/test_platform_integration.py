@@ -8,7 +8,8 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import IncompatibleBrokerVersion
 
 from leadwerk_platform.embedded import EmbeddedBroker, free_port
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, PublishError
@@ -16,6 +17,7 @@ from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.migrations import upgrade
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import PlatformSettings
+from leadwerk_platform.testing.plugin import Infrastructure
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +95,29 @@ async def test_publish_deadline_holds_when_the_producer_retries_forever(
         await publisher.stop()
         assert time.monotonic() - started < 3
         broker.stop()
+
+
+async def test_partitions_grow_only_when_asked(
+        platform_env: dict[str, str], contract_registry: ContractRegistry,
+        infrastructure: Infrastructure, request: pytest.FixtureRequest) -> None:
+    if not infrastructure.idempotence:  # the embedded broker
+        request.applymarker(pytest.mark.xfail(
+            raises=IncompatibleBrokerVersion, strict=True,
+            reason="tansu does not implement CreatePartitions; real Kafka does"))
+    settings = PlatformSettings()
+    name = settings.topic("tracking-events")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, 2, 1)])
+        refused = await provision_topics(settings, contract_registry, replication_factor=1)
+        [before] = await admin.describe_topics([name])
+        assert refused.too_few_partitions == [name]
+        assert len(before["partitions"]) == 2  # nothing re-mapped without being asked
+        grown = await provision_topics(settings, contract_registry, replication_factor=1,
+                                       grow_partitions=True)
+        [after] = await admin.describe_topics([name])
+    finally:
+        await admin.close()
+    assert grown.grown == [name]
+    assert len(after["partitions"]) == contract_registry.topics["tracking-events"].partitions

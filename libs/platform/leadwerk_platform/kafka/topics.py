@@ -19,12 +19,17 @@ class ProvisionReport:
     created: list[str]
     existing: list[str]
     grown: list[str]
+    too_few_partitions: list[str]
 
 
 async def provision_topics(settings: PlatformSettings, registry: ContractRegistry,
-                           replication_factor: int | None = None) -> ProvisionReport:
-    """Create missing topics and grow partition counts that are below the registry's.
+                           replication_factor: int | None = None, *,
+                           grow_partitions: bool = False) -> ProvisionReport:
+    """Create missing topics; report (or, when asked, grow) partition counts below the
+    registry's.
 
+    Growing a topic re-maps keys to partitions, so events of one key can be read out of order
+    around the change: it happens only with ``grow_partitions`` (an operator's decision).
     ``replication_factor`` overrides the registry's (1 for a single embedded broker); topic
     configs that need several replicas (``min.insync.replicas``) are dropped with it.
     """
@@ -45,15 +50,22 @@ async def provision_topics(settings: PlatformSettings, registry: ContractRegistr
                 if code == 0:
                     created.append(name)
         grown: list[str] = []
+        too_few: list[str] = []
         present = [name for name in wanted if name in existing]
         if present:
             for description in await admin.describe_topics(present):
                 name = description["topic"]
-                have = len(description["partitions"])
-                if have < wanted[name].partitions:
+                if len(description["partitions"]) >= wanted[name].partitions:
+                    continue
+                if grow_partitions:
                     await admin.create_partitions({name: NewPartitions(wanted[name].partitions)})
                     grown.append(name)
-        report = ProvisionReport(created, sorted(present), grown)
+                else:
+                    too_few.append(name)
+                    logger.warning("topic has fewer partitions than the registry; growing it "
+                                   "re-maps keys, run bootstrap with --grow-partitions to do so",
+                                   extra={"topic": name})
+        report = ProvisionReport(created, sorted(present), grown, too_few)
         logger.info("topics provisioned", extra={"topics_created": created, "topics_grown": grown})
         return report
     finally:
