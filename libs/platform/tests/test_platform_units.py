@@ -6,6 +6,8 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from leadwerk_platform.envelope import (
     EVENT_ID_NAMESPACE,
@@ -15,6 +17,8 @@ from leadwerk_platform.envelope import (
     derive_event_id,
     encode,
 )
+from leadwerk_platform.kafka.consumer import ConsumerRuntime
+from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.settings import PlatformSettings
 from leadwerk_platform.tokens import EmailToken, InvalidTokenError, TokenKind, TokenSigner
 
@@ -81,3 +85,23 @@ def test_fast_event_id_equals_uuid5() -> None:
     for workspace, message_id in (("dev", "m1"), ("shop", "ä-🙂"), ("w", "")):
         assert derive_event_id(workspace, message_id) == str(
             uuid.uuid5(EVENT_ID_NAMESPACE, f"{workspace}\x1f{message_id}"))
+
+
+async def test_a_commit_lost_to_a_rebalance_is_not_fatal() -> None:
+    class Reassigned:
+        calls = 0
+
+        async def commit(self, offsets: object) -> None:
+            self.calls += 1
+            raise CommitFailedError("partition reassigned")
+
+    async def handler(message: object) -> None:
+        return None
+
+    settings = PlatformSettings()
+    runtime = ConsumerRuntime(settings, group_id="g", topics={"t": "t-dlq"}, handler=handler,
+                              dead_letter_publisher=Publisher(settings, "x"))
+    consumer = Reassigned()
+    runtime._consumer = consumer  # type: ignore[assignment]  # the seam under test
+    await runtime._commit(TopicPartition("t", 0), 5)
+    assert consumer.calls == 1

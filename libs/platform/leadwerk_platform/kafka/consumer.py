@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import OffsetAndMetadata
 
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode, format_timestamp
 from leadwerk_platform.kafka.config import consumer_options
-from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
+from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher, PublishError
 from leadwerk_platform.settings import PlatformSettings
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ConsumerRuntime:
                 for partition, records in batch.items():
                     done = await self._process(partition, records)
                     if done is not None:
-                        await consumer.commit({partition: OffsetAndMetadata(done + 1, "")})
+                        await self._commit(partition, done)
         finally:
             self._consumer = None
             await consumer.stop()  # leaves the group
@@ -129,11 +130,24 @@ class ConsumerRuntime:
             try:
                 await self._handle_or_dead_letter(record)
             except BaseException:
-                if last_done is not None and self._consumer is not None:
-                    await self._consumer.commit({partition: OffsetAndMetadata(last_done + 1, "")})
+                if last_done is not None:
+                    await self._commit(partition, last_done)
                 raise
             last_done = record.offset
         return last_done
+
+    async def _commit(self, partition: TopicPartition, offset: int) -> None:
+        """Commit up to ``offset``; losing the partition to a rebalance is not an error."""
+        if self._consumer is None:
+            return
+        try:
+            await self._consumer.commit({partition: OffsetAndMetadata(offset + 1, "")})
+        except (CommitFailedError, IllegalStateError) as error:
+            # The partition moved to another member, which re-reads what was not committed;
+            # handlers are idempotent, so the only cost is some repeated work.
+            logger.warning("commit refused after a rebalance; the new owner re-reads",
+                           extra={"topic": partition.topic, "partition": partition.partition,
+                                  "error": repr(error)})
 
     async def _handle_or_dead_letter(self, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -183,9 +197,18 @@ class ConsumerRuntime:
         }
         headers = [*record.headers,
                    *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in origin.items())]
-        await self._publisher.publish(
-            [OutgoingMessage(self._dead_letter_topics[record.topic], record.key,
-                             record.value or b"", headers)])
+        message = OutgoingMessage(self._dead_letter_topics[record.topic], record.key,
+                                  record.value or b"", headers)
+        delay = self._policy.retry_backoff
+        for attempt in range(self._policy.max_retries + 1):
+            try:
+                await self._publisher.publish([message])
+                break
+            except PublishError:  # transient: the same back-off as a failing handler
+                if attempt == self._policy.max_retries:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._policy.retry_backoff_max)
         self.dead_lettered += 1
         logger.warning("message dead-lettered", extra={k: v for k, v in origin.items()
                                                        if k != "failed-at"})
