@@ -96,11 +96,6 @@ def encode(envelope: Envelope) -> bytes:
     return orjson.dumps(envelope.to_dict())
 
 
-def encode_dict(message: dict[str, Any]) -> bytes:
-    """Encode an envelope already built as a dict (the ingest hot path)."""
-    return orjson.dumps(message)
-
-
 def decode(payload: bytes | None) -> Envelope:
     """Decode and check the envelope; raise :class:`InvalidMessageError` on anything malformed."""
     if payload is None:

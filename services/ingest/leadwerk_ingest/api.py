@@ -20,7 +20,7 @@ from starlette.types import ASGIApp
 from leadwerk_ingest import email_routes, form_routes
 from leadwerk_ingest.adapters.config import IngestConfig, load_config
 from leadwerk_ingest.metrics import MetricsMiddleware
-from leadwerk_ingest.service import Ingest, RequestHead
+from leadwerk_ingest.service import Ingest, RequestHead, preflight_response
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_ingest.tracking import TrackingRoutes
 from leadwerk_platform.health import health_router
@@ -54,12 +54,8 @@ def create_app(settings: IngestSettings, config: IngestConfig | None = None) -> 
     app.include_router(metrics_router(ingest.registry))
 
     async def preflight(request: Request) -> Response:
-        headers = ingest.cors(RequestHead.from_scope(request.scope), None)
-        if not headers:
-            return Response(status_code=403)
-        return Response(status_code=204, headers={
-            **headers, "Access-Control-Allow-Methods": "POST, OPTIONS",
-            "Access-Control-Allow-Headers": _CORS_HEADERS, "Access-Control-Max-Age": "600"})
+        return preflight_response(ingest.cors(RequestHead.from_scope(request.scope), None),
+                                  _CORS_HEADERS)
 
     app.router.add_route("/v1/{path:path}", preflight, methods=["OPTIONS"])
 

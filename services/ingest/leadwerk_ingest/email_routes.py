@@ -52,9 +52,8 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
     def facts_of(request: Request) -> RequestFacts:
         return ingest.facts(RequestHead.from_scope(request.scope))
 
-    def client(request: Request, token: EmailToken) -> dict[str, Any]:
+    def client(facts: RequestFacts, token: EmailToken) -> dict[str, Any]:
         workspace = ingest.config.workspaces[token.workspace]
-        facts = facts_of(request)
         return client_facts(facts, {}, anonymize=workspace.anonymize_ip,
                             bot=ingest.bots.is_bot(facts.user_agent))
 
@@ -64,7 +63,7 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
             facts = facts_of(request)
             event = token_event("email_opened", token.workspace, token.contact_id, facts,
                                 {"email_message_id": token.message_id,
-                                 "client": client(request, token)})
+                                 "client": client(facts, token)})
             try:
                 await ingest.produce([event])
             except ApiError as error:
@@ -75,10 +74,11 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
         token = verify(TokenKind.CLICK, request.path_params["token"])
         if token is None or token.url is None:
             return not_found()
+        facts = facts_of(request)
         event = token_event("email_clicked", token.workspace, token.contact_id,
-                            facts_of(request), {
+                            facts, {
                                 "email_message_id": token.message_id, "url": token.url,
-                                "link_id": token.link_id, "client": client(request, token),
+                                "link_id": token.link_id, "client": client(facts, token),
                                 "campaign": campaign_fields({}, None, page_url=token.url)})
         # A person is waiting for the page: redirect even when the broker is down. The lost
         # click is counted in leadwerk_ingest_events_rejected_total{reason="broker_unavailable"}.
@@ -102,11 +102,12 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
             body = ""
         one_click = ("List-Unsubscribe", "One-Click") in parse_qsl(body)
         method = "one-click" if one_click else "page"
+        facts = facts_of(request)
         event = token_event("unsubscribed", token.workspace, token.contact_id,
-                            facts_of(request), {
+                            facts, {
                                 "email_message_id": token.message_id,
                                 "purpose": token.purpose or "marketing", "method": method,
-                                "client": client(request, token)},
+                                "client": client(facts, token)},
                             event_id=_once_id(token.workspace, "unsubscribe", raw))
         try:
             await ingest.produce([event])
@@ -128,14 +129,15 @@ def register(app: FastAPI, ingest: Ingest) -> None:  # noqa: PLR0915 - one closu
             return page("Anmeldung bestätigen / Confirm subscription", confirm_form(
                 str(request.url.path), "Bitte bestätigen Sie Ihre Anmeldung. "
                 "Please confirm your subscription.", "Bestätigen / Confirm"))
+        facts = facts_of(request)
         event = token_event("optin_confirmed", token.workspace, token.contact_id,
-                            facts_of(request), {
+                            facts, {
                                 "email_message_id": token.message_id,
                                 "purpose": token.purpose or "marketing",
                                 "consent_text_version": token.consent_text_version,
                                 "requested_at": format_timestamp(token.issued_at)
                                 if token.issued_at else None,
-                                "client": client(request, token)},
+                                "client": client(facts, token)},
                             event_id=_once_id(token.workspace, "confirm", raw))
         try:
             await ingest.produce([event])

@@ -13,10 +13,17 @@ from starlette.responses import RedirectResponse, Response
 
 from leadwerk_ingest.adapters.config import Form
 from leadwerk_ingest.domain.enrich import campaign_fields
-from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key
+from leadwerk_ingest.handlers import Outgoing, client_facts, identity_key, request_event
 from leadwerk_ingest.pages import not_found as not_found_page
 from leadwerk_ingest.pages import page, paragraph
-from leadwerk_ingest.service import JSON_TYPE, ApiError, RequestHead, parse_json, read_body
+from leadwerk_ingest.service import (
+    JSON_TYPE,
+    ApiError,
+    RequestHead,
+    parse_json,
+    preflight_response,
+    read_body,
+)
 from leadwerk_platform.envelope import derive_event_id
 
 if TYPE_CHECKING:
@@ -76,24 +83,17 @@ def form_event(ingest: Ingest, form: Form, fields: dict[str, Any],
     facts = ingest.facts(RequestHead.from_scope(request.scope))
     page_url = _text(fields.get("page_url")) or request.headers.get("referer")
     context = {"page": {"url": page_url}} if page_url else {}
-    message = {
-        "id": derive_event_id(workspace.id, message_id),
-        "type": "tracking.form_submitted.v1",
-        "workspace": workspace.id,
-        "occurred_at": facts.received_at_text,
-        "received_at": facts.received_at_text,
-        "producer": "ingest",
-        "correlation_id": facts.correlation_id,
-        "data": {
-            "message_id": message_id, "form_id": form.id, "anonymous_id": anonymous_id,
-            "user_id": user_id, "email": email, "traits": traits, "consents": consents,
-            "context": context,
-            "client": client_facts(facts, {}, anonymize=workspace.anonymize_ip,
-                                   bot=ingest.bots.is_bot(facts.user_agent)),
-            "campaign": campaign_fields(context, None, page_url=page_url),
-        },
+    data = {
+        "message_id": message_id, "form_id": form.id, "anonymous_id": anonymous_id,
+        "user_id": user_id, "email": email, "traits": traits, "consents": consents,
+        "context": context,
+        "client": client_facts(facts, {}, anonymize=workspace.anonymize_ip,
+                               bot=ingest.bots.is_bot(facts.user_agent)),
+        "campaign": campaign_fields(context, None, page_url=page_url),
     }
-    return Outgoing.encode(identity_key(workspace.id, user_id, anonymous_id), message)
+    return request_event("form_submitted", workspace.id,
+                         identity_key(workspace.id, user_id, anonymous_id), facts, data,
+                         event_id=derive_event_id(workspace.id, message_id))
 
 
 def register(app: FastAPI, ingest: Ingest) -> None:
@@ -132,12 +132,8 @@ def register(app: FastAPI, ingest: Ingest) -> None:
     async def preflight(request: Request) -> Response:
         form = ingest.config.forms.get(request.path_params["form_id"])
         head = RequestHead.from_scope(request.scope)
-        headers = ingest.cors(head, ingest.config.workspaces[form.workspace]) if form else {}
-        if not headers:
-            return Response(status_code=403)
-        return Response(status_code=204, headers={**headers, "Access-Control-Allow-Methods":
-                                                  "POST, OPTIONS",
-                                                  "Access-Control-Allow-Headers": "Content-Type"})
+        cors = ingest.cors(head, ingest.config.workspaces[form.workspace]) if form else {}
+        return preflight_response(cors, "Content-Type")
 
     app.router.add_route("/f/{form_id}", submit, methods=["POST"])
     app.router.add_route("/f/{form_id}", preflight, methods=["OPTIONS"])

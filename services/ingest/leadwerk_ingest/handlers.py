@@ -37,9 +37,6 @@ class Outgoing(NamedTuple):
     type: str
     value: bytes
 
-    @classmethod
-    def encode(cls, key: bytes, message: dict[str, Any]) -> Outgoing:
-        return cls(key, message["type"], orjson.dumps(message))
 
 
 def identity_key(workspace: str, user_id: str | None, anonymous_id: str | None) -> bytes:
@@ -122,17 +119,26 @@ def segment_event(call: Call, workspace: str, facts: RequestFacts, *, batch_sent
     return Outgoing(key, event_type, orjson.dumps(message))
 
 
-def token_event(event_type: str, workspace: str, contact_id: str, facts: RequestFacts,
-                data: dict[str, Any], *, event_id: str | None = None) -> Outgoing:
-    """An event caused by a signed email token (open, click, unsubscribe, confirm)."""
+def request_event(event_type: str, workspace: str, key: bytes, facts: RequestFacts,
+                  data: dict[str, Any], *, event_id: str) -> Outgoing:
+    """An event that happened when the request arrived (form posts, email links)."""
+    full_type = f"tracking.{event_type}.v1"
     message = {
-        "id": event_id or str(uuid.uuid4()),
-        "type": f"tracking.{event_type}.v1",
+        "id": event_id,
+        "type": full_type,
         "workspace": workspace,
         "occurred_at": facts.received_at_text,
         "received_at": facts.received_at_text,
         "producer": PRODUCER,
         "correlation_id": facts.correlation_id,
-        "data": {"contact_id": contact_id, **data},
+        "data": data,
     }
-    return Outgoing.encode(contact_key(workspace, contact_id), message)
+    return Outgoing(key, full_type, orjson.dumps(message))
+
+
+def token_event(event_type: str, workspace: str, contact_id: str, facts: RequestFacts,
+                data: dict[str, Any], *, event_id: str | None = None) -> Outgoing:
+    """An event caused by a signed email token (open, click, unsubscribe, confirm)."""
+    return request_event(event_type, workspace, contact_key(workspace, contact_id), facts,
+                         {"contact_id": contact_id, **data},
+                         event_id=event_id or str(uuid.uuid4()))

@@ -203,6 +203,16 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"request body exceeds {limit} bytes")
 
 
+def preflight_response(cors: dict[str, str], allow_headers: str) -> Response:
+    """A CORS preflight answer: 204 with the allowed methods and headers, 403 for an origin no
+    workspace allows."""
+    if not cors:
+        return Response(status_code=403)
+    return Response(status_code=204, headers={
+        **cors, "Access-Control-Allow-Methods": "POST, OPTIONS",
+        "Access-Control-Allow-Headers": allow_headers, "Access-Control-Max-Age": "600"})
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """A JSON object, or a 400 naming what is wrong with the body."""
     try:

@@ -17,8 +17,6 @@ class IngestSettings(PlatformSettings):
     retry_after_seconds: int = Field(5, alias="LEADWERK_INGEST_RETRY_AFTER")
     max_event_bytes: int = Field(32 * 1024, alias="LEADWERK_INGEST_MAX_EVENT_BYTES")
     max_batch_bytes: int = Field(500 * 1024, alias="LEADWERK_INGEST_MAX_BATCH_BYTES")
-    #: Public base URL of ingest, used in pages it renders (e.g. form actions).
-    public_url: str = Field("http://localhost:8080", alias="LEADWERK_INGEST_PUBLIC_URL")
     #: Proxies whose X-Forwarded-For is trusted (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: str = Field("127.0.0.1", alias="LEADWERK_FORWARDED_ALLOW_IPS")
 

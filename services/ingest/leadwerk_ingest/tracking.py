@@ -77,9 +77,12 @@ def authenticate(ingest: Ingest, head: RequestHead,
 
 
 def _validation_details(error: ValidationError, index: int | None = None) -> list[dict[str, Any]]:
+    """Problems as field paths; in a batch, pydantic's first location is the call type tag."""
     details = []
     for problem in error.errors(include_url=False, include_input=False):
-        location = [str(p) for p in problem["loc"] if not str(p).endswith("Call")]
+        loc = problem["loc"][1:] if index is not None and problem["type"] != "union_tag_invalid" \
+            else problem["loc"]
+        location = [str(p) for p in loc]
         detail: dict[str, Any] = {"field": ".".join(location) or "(event)",
                                   "message": problem["msg"]}
         if index is not None:

@@ -10,7 +10,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -97,6 +96,3 @@ async def database(infrastructure: Infrastructure) -> AsyncIterator[str]:
     finally:
         await admin.close()
 
-
-def schemas_dir() -> Path:
-    return repository_root() / "schemas"
