@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -284,20 +285,26 @@ async def test_extra_write_keys_from_the_environment(
     assert (accepted.status_code, refused.status_code) == (200, 401)
 
 
-@pytest.mark.parametrize(("body", "headers", "status"), [
-    (track(timestamp="0001-01-01T00:00:00+01:00"), {}, 400),
-    (track(timestamp="9999-12-31T00:00:00Z", sentAt="0001-01-01T00:00:00Z"), {}, 400),
-    (track(timestamp="0001-01-01T00:00:00Z", sentAt="9999-12-31T00:00:00Z"), {}, 400),
-    (track(properties={"a": 1}), {"Authorization": b"Basic \xe9\xe9"}, 401),
-    (track(properties=deep(300)), {}, 400),
+VALID_AUTHORIZATION = b"Basic " + base64.b64encode(b"dev-write-key:")
+
+
+@pytest.mark.parametrize(("body", "authorization", "status"), [
+    (track(timestamp="0001-01-01T00:00:00+01:00"), VALID_AUTHORIZATION, 400),
+    (track(timestamp="9999-12-31T00:00:00Z", sentAt="0001-01-01T00:00:00Z"),
+     VALID_AUTHORIZATION, 400),
+    (track(timestamp="0001-01-01T00:00:00Z", sentAt="9999-12-31T00:00:00Z"),
+     VALID_AUTHORIZATION, 400),
+    (track(properties={"a": 1}), b"Basic \xe9\xe9", 401),
+    (track(properties=deep(300)), VALID_AUTHORIZATION, 400),
 ])
 async def test_edge_inputs_are_client_errors_not_crashes(
-        ingest: RunningIngest, body: dict[str, object], headers: dict[str, object],
+        ingest: RunningIngest, body: dict[str, object], authorization: bytes,
         status: int) -> None:
-    auth = None if headers else AUTH
+    headers = [(b"authorization", authorization), (b"content-type", b"application/json")]
     async with httpx.AsyncClient(base_url=ingest.url) as client:
-        single = await client.post("/v1/track", json=body, auth=auth, headers=headers)
-        batch = await client.post("/v1/batch", json={"batch": [{"type": "track", **body}]},
-                                  auth=auth, headers=headers)
+        # The standard library writes nesting that orjson would refuse.
+        single = await client.post("/v1/track", content=json.dumps(body), headers=headers)
+        batch = await client.post("/v1/batch", headers=headers, content=json.dumps(
+            {"batch": [{"type": "track", **body}]}))
     assert (single.status_code, batch.status_code) == (status, status), single.text
     assert single.json()["error"]["message"]
