@@ -9,6 +9,7 @@ import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError
 
+from leadwerk_platform.caching import short_key_cache
 from leadwerk_platform.envelope import (
     EVENT_ID_NAMESPACE,
     Envelope,
@@ -105,3 +106,16 @@ async def test_a_commit_lost_to_a_rebalance_is_not_fatal() -> None:
     runtime._consumer = consumer  # the seam under test (the runtime types it loosely)
     await runtime._commit(TopicPartition("t", 0), 5)
     assert consumer.calls == 1
+
+
+def test_short_key_cache_keeps_only_short_keys() -> None:
+    calls: list[str] = []
+
+    @short_key_cache(maxsize=8, max_key_length=4)
+    def upper(key: str) -> str:
+        calls.append(key)
+        return key.upper()
+
+    assert [upper("ab"), upper("ab"), upper("abcdef"), upper("abcdef")] == [
+        "AB", "AB", "ABCDEF", "ABCDEF"]
+    assert calls == ["ab", "abcdef", "abcdef"]  # the long key is never kept

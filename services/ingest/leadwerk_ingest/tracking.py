@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import time
-from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -27,6 +26,7 @@ from leadwerk_ingest.service import (
     read_body,
     send_json,
 )
+from leadwerk_platform.caching import short_key_cache
 
 _OK = orjson.dumps({"success": True})
 _BATCH = "batch"
@@ -40,19 +40,10 @@ def tracking_routes() -> dict[str, str]:
     return routes
 
 
-def basic_auth_key(header: str | None) -> str | None:
+@short_key_cache(maxsize=1024, max_key_length=512)
+def basic_auth_key(header: str) -> str | None:
     """The write key of a Basic ``Authorization`` header (cached: a site sends the same one)."""
-    if header is not None and len(header) > _CACHEABLE_AUTHORIZATION:
-        return _basic_auth_key.__wrapped__(header)
-    return _basic_auth_key(header)
-
-
-_CACHEABLE_AUTHORIZATION = 512
-
-
-@lru_cache(maxsize=1024)
-def _basic_auth_key(header: str | None) -> str | None:
-    if not header or header[:6].lower() != "basic ":
+    if header[:6].lower() != "basic ":
         return None
     try:
         decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
@@ -63,7 +54,7 @@ def _basic_auth_key(header: str | None) -> str | None:
 
 def authenticate(ingest: Ingest, head: RequestHead,
                  payload: dict[str, Any]) -> tuple[str, Workspace]:
-    key = basic_auth_key(head.authorization)
+    key = basic_auth_key(head.authorization) if head.authorization else None
     if not key:
         body_key = payload.get("writeKey")
         key = body_key if isinstance(body_key, str) else None

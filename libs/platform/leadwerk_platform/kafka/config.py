@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import random
-from functools import lru_cache
 from typing import Any
 
 from aiokafka.partitioner import murmur2
 
+from leadwerk_platform.caching import short_key_cache
 from leadwerk_platform.settings import PlatformSettings
+
+
+def _positive_murmur2(key: bytes) -> int:
+    return int(murmur2(key)) & 0x7FFFFFFF
 
 
 class CachedPartitioner:
@@ -17,15 +21,14 @@ class CachedPartitioner:
     many events). Same partitions as the default partitioner, so mixed producers agree."""
 
     def __init__(self, cache_size: int = 65_536) -> None:
-        self._hash = lru_cache(maxsize=cache_size)(lambda key: murmur2(key) & 0x7FFFFFFF)
+        # Keys come from clients: only short ones are kept (see short_key_cache).
+        self._hash = short_key_cache(cache_size, 256)(_positive_murmur2)
 
     def __call__(self, key: bytes | None, all_partitions: list[int],
                  available: list[int]) -> int:
         if key is None:
             return random.choice(available or all_partitions)  # noqa: S311 - not crypto
-        # Long keys are hashed uncached: cached keys are kept, and keys come from clients.
-        digest = self._hash(key) if len(key) <= 256 else murmur2(key) & 0x7FFFFFFF
-        partition: int = all_partitions[digest % len(all_partitions)]
+        partition: int = all_partitions[self._hash(key) % len(all_partitions)]
         return partition
 
 

@@ -8,6 +8,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
+from leadwerk_platform.caching import short_key_cache
 from leadwerk_platform.envelope import parse_timestamp
 
 _UTM = {"utm_source": "source", "utm_medium": "medium", "utm_campaign": "name",
@@ -19,9 +20,7 @@ class BadTimestampError(ValueError):
     pass
 
 
-#: Cached parsers keep client-controlled strings as keys: only short ones are cached, so a
-#: client cannot fill memory with huge keys (the entry counts are bounded by lru_cache).
-_CACHEABLE_TIMESTAMP = 64
+#: URLs longer than this are cut before parsing (the parsers cache per URL).
 _CACHEABLE_URLS = 2048
 _MAX_IP = 45  # the longest textual IPv6 address
 
@@ -29,14 +28,13 @@ _MAX_IP = 45  # the longest textual IPv6 address
 def _parse(value: str | None, field: str) -> datetime | None:
     if value is None:
         return None
-    parse = _parse_cached if len(value) <= _CACHEABLE_TIMESTAMP else _parse_cached.__wrapped__
-    parsed = parse(value)
+    parsed = _parse_cached(value)
     if parsed is None:
         raise BadTimestampError(f"{field} is not an ISO-8601 timestamp: {value!r}")
     return parsed
 
 
-@lru_cache(maxsize=4096)
+@short_key_cache(maxsize=4096, max_key_length=64)
 def _parse_cached(value: str) -> datetime | None:
     """Cached: the events of a batch share ``sentAt`` and often their timestamps."""
     try:
