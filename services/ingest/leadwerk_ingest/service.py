@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import uuid
 import zlib
@@ -114,14 +115,14 @@ class Ingest:
         )
 
     def rate_limit(self, key: str, workspace: Workspace, events: int) -> None:
-        if events > workspace.rate_limit.burst:  # could never pass: retrying cannot help
-            raise ApiError(413, "batch_too_large", f"{events} events exceed the write key's "
-                           f"burst of {workspace.rate_limit.burst:g}; send smaller batches")
         bucket = self.buckets.get(key)
         if bucket is None:
             bucket = self.buckets[key] = TokenBucket(workspace.rate_limit.events_per_second,
                                                      workspace.rate_limit.burst)
         wait = bucket.take(events, time.monotonic())
+        if wait == math.inf:  # more events than the burst: retrying cannot help
+            raise ApiError(413, "batch_too_large", f"{events} events exceed the write key's "
+                           f"burst of {bucket.burst:g}; send smaller batches")
         if wait:
             self.metrics.rejected.labels("rate_limited").inc(events)
             raise ApiError(429, "rate_limited", "too many events for this write key",

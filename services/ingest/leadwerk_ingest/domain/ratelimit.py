@@ -14,7 +14,8 @@ class TokenBucket:
     updated: float = 0.0
 
     def take(self, amount: float, now: float) -> float:
-        """Take ``amount`` tokens; return 0 on success, else seconds until they would be there."""
+        """Take ``amount`` tokens; return 0 on success, else seconds until they would be there
+        (``math.inf`` when ``amount`` exceeds the burst: waiting can never help)."""
         if self.tokens < 0:
             self.tokens, self.updated = self.burst, now
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
@@ -22,8 +23,8 @@ class TokenBucket:
         if amount <= self.tokens:
             self.tokens -= amount
             return 0.0
-        if amount > self.burst:  # can never fit: ask to come back after a full refill
-            return self.burst / self.rate
+        if amount > self.burst:
+            return math.inf
         return (amount - self.tokens) / self.rate
 
 
