@@ -21,9 +21,10 @@ import collections
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -85,11 +86,11 @@ class ConsumerRuntime:
         self._group_id = group_id
         self._dead_letter_topics = {settings.topic(t): settings.topic(d) for t, d in topics.items()}
         self._handler = handler
-        self._publisher = dead_letter_publisher
         self._policy = policy or ConsumerPolicy()
         self._client_id = client_id or group_id
         self._stopping = asyncio.Event()
-        self._dead_letters: collections.deque[float] = collections.deque()
+        self._dead_letters = DeadLetters(dead_letter_publisher, self._policy, group_id,
+                                         self._dead_letter_topics)
         self._consumer: AIOKafkaConsumer | None = None
         self.processed = 0
         self.dead_lettered = 0
@@ -161,57 +162,101 @@ class ConsumerRuntime:
             key=record.key, value=record.value, headers=list(record.headers),
             envelope=decode(record.value),
         )
-        delay = self._policy.retry_backoff
-        for attempt in range(self._policy.max_retries + 1):
-            try:
-                await self._handler(message)
-            except InvalidMessageError:
-                raise
-            except Exception as error:
-                if attempt == self._policy.max_retries:
-                    logger.exception("handler failed, giving up; the consumer stops",
-                                     extra={"topic": record.topic, "offset": record.offset})
-                    raise
-                logger.warning("handler failed, retrying", extra={
-                    "topic": record.topic, "offset": record.offset, "attempt": attempt + 1,
-                    "error": repr(error)})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._policy.retry_backoff_max)
-            else:
-                self.processed += 1
-                return
+        await retry_transient(lambda: self._handler(message), self._policy,
+                              what=f"handler of {record.topic}@{record.offset}")
+        self.processed += 1
 
     async def _dead_letter(self, record: ConsumerRecord[bytes, bytes], error: Exception) -> None:
+        await self._dead_letters.send(record, error)
+        self.dead_lettered += 1
+
+
+class RecordLike(Protocol):
+    """What dead-lettering needs of a consumed record (aiokafka's and faust's both have it)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Any: ...
+
+
+def _header_list(headers: Any) -> list[tuple[str, bytes]]:
+    if not headers:
+        return []
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [(str(k), bytes(v)) for k, v in items]
+
+
+class DeadLetters:
+    """Copies unprocessable messages to their topic's dead-letter topic, origin in headers;
+    more than ``dead_letter_limit`` within ``dead_letter_window`` raises
+    :class:`DeadLetterLimitExceededError` (something is systematically wrong: stop)."""
+
+    def __init__(self, publisher: Publisher, policy: ConsumerPolicy, group_id: str,
+                 dead_letter_topics: dict[str, str]) -> None:
+        """``dead_letter_topics`` maps broker-side topic names to their dead-letter topics."""
+        self._publisher = publisher
+        self._policy = policy
+        self._group_id = group_id
+        self._topics = dead_letter_topics
+        self._recent: collections.deque[float] = collections.deque()
+
+    async def send(self, record: RecordLike, error: Exception) -> None:
+        """Dead-letter ``record`` (an aiokafka record or a faust message) because of ``error``."""
+        topic = record.topic
         now = time.monotonic()
-        self._dead_letters.append(now)
-        while self._dead_letters and now - self._dead_letters[0] > self._policy.dead_letter_window:
-            self._dead_letters.popleft()
-        if len(self._dead_letters) > self._policy.dead_letter_limit:
+        self._recent.append(now)
+        while self._recent and now - self._recent[0] > self._policy.dead_letter_window:
+            self._recent.popleft()
+        if len(self._recent) > self._policy.dead_letter_limit:
             raise DeadLetterLimitExceededError(
                 f"more than {self._policy.dead_letter_limit} dead letters within "
-                f"{self._policy.dead_letter_window}s on {record.topic}; stopping")
+                f"{self._policy.dead_letter_window}s on {topic}; stopping")
         origin = {
-            "topic": record.topic, "partition": str(record.partition),
-            "offset": str(record.offset), "group": self._group_id,
-            "error": str(error)[:1000], "failed-at": format_timestamp(datetime.now(UTC)),
+            "topic": topic, "partition": str(record.partition), "offset": str(record.offset),
+            "group": self._group_id, "error": str(error)[:1000],
+            "failed-at": format_timestamp(datetime.now(UTC)),
         }
-        headers = [*record.headers,
-                   *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in origin.items())]
-        message = OutgoingMessage(self._dead_letter_topics[record.topic], record.key,
-                                  record.value or b"", headers)
-        delay = self._policy.retry_backoff
-        for attempt in range(self._policy.max_retries + 1):
-            try:
-                await self._publisher.publish([message])
-                break
-            except PublishError:  # transient: the same back-off as a failing handler
-                if attempt == self._policy.max_retries:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._policy.retry_backoff_max)
-        self.dead_lettered += 1
+        message = OutgoingMessage(
+            self._topics[topic], record.key, record.value or b"",
+            [*_header_list(record.headers),
+             *((DLQ_HEADER_PREFIX + k, v.encode()) for k, v in origin.items())])
+        await retry_transient(lambda: self._publisher.publish([message]), self._policy,
+                              (PublishError,), what="dead-letter publish")
         logger.warning("message dead-lettered", extra={k: v for k, v in origin.items()
                                                        if k != "failed-at"})
+
+
+async def retry_transient(operation: Callable[[], Awaitable[None]], policy: ConsumerPolicy,
+                          transient: tuple[type[BaseException], ...] = (Exception,), *,
+                          what: str = "handler") -> None:
+    """Run ``operation``; retry ``transient`` failures with exponential back-off up to
+    ``policy.max_retries`` times, then let the last one propagate.
+    :class:`InvalidMessageError` is never retried."""
+    delay = policy.retry_backoff
+    for attempt in range(policy.max_retries + 1):
+        try:
+            await operation()
+        except InvalidMessageError:
+            raise
+        except transient as error:
+            if attempt == policy.max_retries:
+                logger.exception("%s failed, giving up", what)
+                raise
+            logger.warning("%s failed, retrying", what,
+                           extra={"attempt": attempt + 1, "error": repr(error)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, policy.retry_backoff_max)
+        else:
+            return
 
 
 async def run_until_signalled(runtime: ConsumerRuntime,

@@ -1,0 +1,146 @@
+"""Stream processors on faust-streaming, under the same commit policy as :mod:`.consumer`.
+
+faust runs the consumer group, assignment and offset commits; this module decides *when* an
+offset may be committed. Events are taken in batches with ``noack_take`` and acknowledged only
+after the batch handler returned, i.e. after its effects (and outbox) are durable. faust commits
+acknowledged offsets only, so a crash anywhere before that redelivers the batch, and handlers
+recognise what they already processed (docs/decisions/0007-scoring-stream-processing.md).
+
+* An envelope that does not decode, or an event the handler rejects, is dead-lettered (the same
+  :class:`~.consumer.DeadLetters` as the plain consumer) and then acknowledged.
+* Any other failure is retried with back-off; when retries are exhausted the batch is *not*
+  acknowledged and ``on_fatal`` is called: the process stops and a restart re-reads the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
+from leadwerk_platform.kafka.consumer import ConsumerPolicy, DeadLetters, retry_transient
+from leadwerk_platform.kafka.producer import Publisher
+from leadwerk_platform.settings import PlatformSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class StreamMessage:
+    """One decoded input message of a batch."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    envelope: Envelope
+    source: Any = field(repr=False)  # the faust message, for dead-lettering
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message the handler could not process and will never be able to (dead-letter it)."""
+
+    message: StreamMessage
+    reason: str
+
+
+BatchHandler = Callable[[Sequence[StreamMessage]], Awaitable[Sequence[Rejected]]]
+
+
+@dataclass(frozen=True)
+class StreamPolicy(ConsumerPolicy):
+    batch_size: int = 500
+    batch_within: float = 0.05
+
+
+class StreamProcessor:
+    """One faust app = one consumer group running ``handler`` over registry ``topics``."""
+
+    def __init__(self, settings: PlatformSettings, *, group_id: str, topics: dict[str, str],
+                 handler: BatchHandler, publisher: Publisher,
+                 on_fatal: Callable[[BaseException], None],
+                 policy: StreamPolicy | None = None) -> None:
+        """``topics`` maps each consumed registry topic to its dead-letter topic."""
+        self._policy = policy or StreamPolicy()
+        self._handler = handler
+        self._on_fatal = on_fatal
+        self.group_id = settings.kafka_topic_prefix + group_id
+        dead_letter_topics = {settings.topic(t): settings.topic(d) for t, d in topics.items()}
+        self._dead_letters = DeadLetters(publisher, self._policy, self.group_id,
+                                         dead_letter_topics)
+        session = settings.kafka_session_timeout_ms / 1000
+        self.app = faust.App(
+            self.group_id,
+            broker=[f"kafka://{server.strip()}"
+                    for server in settings.kafka_bootstrap_servers.split(",")],
+            store="memory://",
+            autodiscover=False,
+            web_enabled=False,
+            topic_allow_declare=False,  # topics come from the registry (bootstrap)
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            broker_session_timeout=session,
+            broker_heartbeat_interval=max(0.1, session / 10),
+            broker_rebalance_timeout=max(session, 10.0),
+            broker_commit_interval=0.5,
+            broker_commit_every=self._policy.batch_size,
+            producer_acks=-1,
+            stream_buffer_maxsize=self._policy.batch_size * 4,
+            processing_guarantee="at_least_once",
+        )
+        channel = self.app.topic(*dead_letter_topics, value_serializer="raw",
+                                 key_serializer="raw")
+        self.app.agent(channel, name=f"{group_id}.agent")(self._agent)
+        self.processed = 0
+        self.dead_lettered = 0
+        self.failed: BaseException | None = None
+
+    async def start(self) -> None:
+        await self.app.start()
+
+    async def stop(self) -> None:
+        await self.app.stop()
+
+    async def _agent(self, stream: Any) -> None:
+        async for events in stream.noack_take(self._policy.batch_size,
+                                              within=self._policy.batch_within):
+            try:
+                await self._process(events)
+            except BaseException as error:  # noqa: BLE001 - never acknowledge a failed batch
+                self.failed = error
+                self._on_fatal(error)
+                await asyncio.Event().wait()  # hold the batch unacknowledged until stopped
+            for event in events:
+                await stream.ack(event)
+
+    async def _process(self, events: Sequence[Any]) -> None:
+        batch: list[StreamMessage] = []
+        for event in events:
+            message = event.message
+            try:
+                envelope = decode(message.value)
+            except InvalidMessageError as error:
+                await self._dead_letters.send(message, error)
+                self.dead_lettered += 1
+                continue
+            batch.append(StreamMessage(message.topic, message.partition, message.offset,
+                                       message.key, envelope, message))
+        if not batch:
+            return
+        rejected: Sequence[Rejected] = ()
+
+        async def handle() -> None:
+            nonlocal rejected
+            rejected = await self._handler(batch)
+
+        await retry_transient(handle, self._policy, what=f"{self.group_id} batch")
+        for item in rejected:
+            await self._dead_letters.send(item.message.source, InvalidMessageError(item.reason))
+            self.dead_lettered += 1
+        self.processed += len(batch)

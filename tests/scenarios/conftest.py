@@ -1,0 +1,136 @@
+"""Ingest and scoring together, each on a real port, over the embedded broker and Postgres.
+
+One stack per test module (the faust consumer groups take seconds to join); tests keep apart by
+using their own visitor ids and emails. The scoring clock is a :class:`Clock` tests can move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from leadwerk_ingest.api import create_app as create_ingest
+from leadwerk_ingest.settings import IngestSettings
+from leadwerk_platform.kafka.topics import provision_topics
+from leadwerk_platform.migrations import upgrade
+from leadwerk_platform.registry import ContractRegistry
+from leadwerk_platform.services import SERVICES
+from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
+from leadwerk_platform.testing.helpers import serve_app
+from leadwerk_platform.testing.plugin import Infrastructure
+from leadwerk_scoring.api import Scoring, create_app
+from leadwerk_scoring.settings import ScoringSettings
+
+WRITE_KEY = "dev-write-key"
+#: Ingest flags crawler user agents (httpx's own included) and the stitcher leaves bots out.
+BROWSER = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+           "Chrome/130.0 Safari/537.36")
+
+
+def browser() -> httpx.AsyncClient:
+    """An HTTP client that looks like a visitor's browser."""
+    return httpx.AsyncClient(timeout=10, headers={"User-Agent": BROWSER})
+
+
+class Clock:
+    """Real time plus an offset tests can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+@dataclass
+class Stack:
+    ingest: str
+    scoring: str
+    clock: Clock
+    service: Scoring
+    settings: ScoringSettings
+    failures: list[BaseException] = field(default_factory=list)
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {DEVELOPMENT_ADMIN_TOKEN}"}
+
+    async def track(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> None:
+        response = await client.post(f"{self.ingest}/v1/{path}", auth=(WRITE_KEY, ""),
+                                      json=body)
+        assert response.status_code == 200, response.text
+
+    async def api(self, client: httpx.AsyncClient, method: str, path: str,
+                  **kwargs: Any) -> httpx.Response:
+        return await client.request(method, f"{self.scoring}/api{path}", headers=self.admin,
+                                    **kwargs)
+
+    async def eventually(self, probe: Callable[[], Awaitable[Any]], timeout: float = 20.0,
+                         ) -> Any:
+        """Poll ``probe`` until it returns something truthy (the pipeline is asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = await probe()
+            if result:
+                return result
+            assert not self.failures, self.failures
+            if time.monotonic() > deadline:
+                stats = {name: (p.processed, p.dead_lettered, repr(p.failed))
+                         for name, p in self.service.processors.items()}
+                raise AssertionError(f"not reached within {timeout}s; last: {result!r}; "
+                                     f"processed, dead-lettered, failure: {stats}")
+            await asyncio.sleep(0.1)
+
+
+async def scoring_database(infrastructure: Infrastructure) -> str:
+    """A fresh database with the scoring schema migrated."""
+    name = f"scn_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(infrastructure.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base, _, query = infrastructure.database_url.partition("?")
+    url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
+    migrations = next(s for s in SERVICES if s.name == "scoring").migrations
+    assert migrations is not None
+    await asyncio.to_thread(upgrade, url, "scoring", migrations)
+    return url
+
+
+@pytest.fixture(scope="module")
+async def stack(infrastructure: Infrastructure,
+                contract_registry: ContractRegistry) -> AsyncIterator[Stack]:
+    env = {
+        "LEADWERK_ENV": "test",
+        "KAFKA_BOOTSTRAP_SERVERS": infrastructure.kafka,
+        "LEADWERK_KAFKA_IDEMPOTENCE": str(infrastructure.idempotence).lower(),
+        "LEADWERK_KAFKA_SESSION_TIMEOUT_MS": "2000" if not infrastructure.idempotence
+        else "10000",
+        "LEADWERK_KAFKA_TOPIC_PREFIX": f"s{uuid.uuid4().hex[:10]}.",
+        "DATABASE_URL": await scoring_database(infrastructure),
+        "LEADWERK_CONFIG_DIR": str(repository_root() / "config"),
+        "LEADWERK_SCORING_BATCH_WITHIN": "0.02",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        settings = ScoringSettings()
+        await provision_topics(settings, contract_registry, replication_factor=1)
+        clock = Clock()
+        failures: list[BaseException] = []
+        app = create_app(settings, clock=clock, on_fatal=failures.append)
+        async with serve_app(create_ingest(IngestSettings())) as ingest_url, \
+                serve_app(app) as scoring_url:
+            yield Stack(ingest_url, scoring_url, clock, app.state.scoring, settings, failures)
+    os.environ.pop("LEADWERK_SCORING_BATCH_WITHIN", None)
