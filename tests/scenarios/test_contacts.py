@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from aiokafka import AIOKafkaProducer
+
+from leadwerk_platform.envelope import Envelope, encode
+from leadwerk_platform.registry import ContractRegistry
+from leadwerk_platform.testing.helpers import read_topic, values
 
 from .conftest import Stack, browser
 
@@ -28,7 +36,7 @@ async def find(stack: Stack, client: httpx.AsyncClient, **query: str) -> dict[st
 async def submit_form(stack: Stack, client: httpx.AsyncClient, device: str, address: str,
                       **fields: str) -> None:
     response = await client.post(
-        f"{stack.ingest}/f/ebook-download", cookies={"lw_aid": device},
+        f"{stack.ingest}/f/ebook-download", headers={"Cookie": f"lw_aid={device}"},
         data={"email": address, "first_name": "Anna", "company": "Schmidt GmbH",
               "consent_marketing": "on", **fields})
     assert response.status_code == 303, response.text
@@ -69,3 +77,206 @@ async def test_anonymous_visits_then_a_form_make_one_contact_with_the_whole_hist
         by_device = await find(stack, client, anonymous_id=device)
         assert by_device is not None
         assert by_device["id"] == found["id"]
+
+
+async def wait_contact(stack: Stack, client: httpx.AsyncClient,
+                       ready: Callable[[dict[str, Any]], bool], **query: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any] | None:
+        found = await find(stack, client, **query)
+        return found if found is not None and ready(found) else None
+
+    result: dict[str, Any] = await stack.eventually(probe)
+    return result
+
+
+async def test_the_seed_example_b1_with_50_points(stack: Stack) -> None:
+    user_id, device = f"crm-{uuid.uuid4().hex[:8]}", visitor()
+    async with browser() as client:
+        await stack.track(client, "identify", {
+            "userId": user_id, "anonymousId": device,
+            "traits": {"email": email(), "company": {"name": "Schmidt GmbH",
+                                                     "annual_revenue": 5_000_000}}})
+        await stack.track(client, "page", {"userId": user_id, "name": "Start"})
+        await stack.track(client, "track", {"userId": user_id, "event": "Document Downloaded"})
+        await stack.track(client, "track", {"userId": user_id,
+                                            "event": "Video Playback Started"})
+        found = await wait_contact(stack, client, lambda c: c["score"] >= 50, user_id=user_id)
+        assert (found["rating"], found["score"], found["grade"], found["band"]) == (
+            "B1", 50, "B", 1)
+        response = await stack.api(client, "GET", f"/contacts/{found['id']}/score-history")
+        explanation = response.json()
+        assert explanation["by_rule"] == {"document-download": 15, "video-started": 30,
+                                          "website-visit": 5}
+        assert all(entry["event_id"] for entry in explanation["history"])
+        assert [s["to_stage"] for s in explanation["stages"]] == ["lead"]
+
+
+async def test_two_devices_joined_by_email_share_one_timeline(stack: Stack) -> None:
+    laptop, phone, address = visitor(), visitor(), email()
+    async with browser() as client:
+        await stack.track(client, "page", {"anonymousId": laptop, "name": "Start"})
+        await submit_form(stack, client, laptop, address)
+        await stack.track(client, "page", {"anonymousId": phone, "name": "Preise"})
+        await stack.track(client, "track", {"anonymousId": phone,
+                                            "event": "Video Playback Started"})
+        await submit_form(stack, client, phone, address)
+
+        async def joined() -> dict[str, Any] | None:
+            found = await find(stack, client, email=address)
+            if found is None or len(await timeline(stack, client, found["id"])) < 5:
+                return None
+            return found
+
+        found = await stack.eventually(joined)
+        devices = {i["value"] for i in found["identifiers"] if i["kind"] == "anonymous"}
+        assert devices == {laptop, phone}
+        events = await timeline(stack, client, found["id"])
+        assert sorted(e["type"] for e in events) == [
+            "form_submitted", "form_submitted", "page", "page", "track"]
+        # Two visits (one per device), the video and the download-free form: 5 + 5 + 30.
+        found = await wait_contact(stack, client, lambda c: c["score"] >= 40, email=address)
+        assert found["score"] == 40
+        by_phone = await find(stack, client, anonymous_id=phone)
+        assert by_phone is not None
+        assert by_phone["id"] == found["id"]
+
+
+async def test_a_shared_device_never_merges_two_people(stack: Stack) -> None:
+    kiosk, anna, ben = visitor(), f"u-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
+    async with browser() as client:
+        await stack.track(client, "identify", {"userId": anna, "anonymousId": kiosk,
+                                               "traits": {"email": email()}})
+        # As analytics.js does after identify: later calls carry the userId too (events keyed
+        # by different ids have no order between them).
+        await stack.track(client, "page", {"userId": anna, "anonymousId": kiosk,
+                                           "name": "Anna liest"})
+        await wait_contact(stack, client, lambda c: c["score"] >= 5, user_id=anna)
+        await stack.track(client, "identify", {"userId": ben, "anonymousId": kiosk,
+                                               "traits": {"email": email()}})
+        await stack.track(client, "page", {"userId": ben, "anonymousId": kiosk,
+                                           "name": "Ben liest"})
+        ben_contact = await wait_contact(stack, client, lambda c: c["score"] >= 5,
+                                         user_id=ben)
+        anna_contact = await find(stack, client, user_id=anna)
+        assert anna_contact is not None
+        assert anna_contact["id"] != ben_contact["id"]
+        anna_pages = [e["name"] for e in await timeline(stack, client, anna_contact["id"])
+                      if e["type"] == "page"]
+        ben_pages = [e["name"] for e in await timeline(stack, client, ben_contact["id"])
+                     if e["type"] == "page"]
+        assert (anna_pages, ben_pages) == (["Anna liest"], ["Ben liest"])
+        device_now = await find(stack, client, anonymous_id=kiosk)
+        assert device_now is not None
+        assert device_now["id"] == ben_contact["id"]  # the device switched
+
+
+async def become_mql(stack: Stack, client: httpx.AsyncClient) -> dict[str, Any]:
+    """A lead with email and company who watched four videos: 125 points, an MQL."""
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    await stack.track(client, "identify", {"userId": user_id, "traits": {
+        "email": email(), "company": "Müller AG"}})
+    for _ in range(4):
+        await stack.track(client, "track", {"userId": user_id,
+                                            "event": "Video Playback Started"})
+    await stack.track(client, "page", {"userId": user_id, "name": "Preise"})
+    return await wait_contact(stack, client, lambda c: c["stage"] == "mql", user_id=user_id)
+
+
+async def test_an_mql_is_downgraded_when_engagement_decays(stack: Stack) -> None:
+    async with browser() as client:
+        mql = await become_mql(stack, client)
+        assert mql["score"] == 125
+        try:
+            # 125 points halve every 90 days: under 50 after 119 days.
+            stack.clock.offset = timedelta(days=118)
+            assert stack.service.timer is not None
+            stack.service.timer.wake()
+            await asyncio.sleep(0.5)
+            still = await stack.api(client, "GET", f"/contacts/{mql['id']}")
+            assert still.json()["stage"] == "mql"
+            stack.clock.offset = timedelta(days=120)
+            stack.service.timer.wake()
+
+            async def downgraded() -> dict[str, Any] | None:
+                response = await stack.api(client, "GET", f"/contacts/{mql['id']}")
+                body: dict[str, Any] = response.json()
+                return body if body["stage"] == "lead" else None
+
+            found = await stack.eventually(downgraded)
+            assert found["score"] < 50
+            history = (await stack.api(client, "GET",
+                                       f"/contacts/{mql['id']}/score-history")).json()
+            assert [(s["to_stage"], s["cause"]) for s in history["stages"]] == [
+                ("lead", "identified"), ("mql", "score"), ("lead", "decay")]
+        finally:
+            stack.clock.offset = timedelta(0)
+
+
+async def test_crm_acceptance_moves_an_mql_to_sal(stack: Stack) -> None:
+    async with browser() as client:
+        mql = await become_mql(stack, client)
+        envelope = Envelope(id=str(uuid.uuid4()), type="crm.lead_feedback.v1", workspace="dev",
+                            occurred_at=datetime.now(UTC), received_at=datetime.now(UTC),
+                            producer="crm-bridge",
+                            data={"contact_id": mql["id"], "status": "accepted",
+                                  "reason": None, "connector": "hubspot", "crm_id": "51"})
+        producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(stack.settings.topic("crm-events"), encode(envelope),
+                                         key=f"dev:{mql['id']}".encode())
+        finally:
+            await producer.stop()
+
+        async def accepted() -> dict[str, Any] | None:
+            body: dict[str, Any] = (await stack.api(client, "GET",
+                                                    f"/contacts/{mql['id']}")).json()
+            return body if body["stage"] == "sal" else None
+
+        await stack.eventually(accepted)
+
+
+async def test_merge_export_and_erasure_through_the_api(stack: Stack) -> None:
+    first, second = email(), email()
+    async with browser() as client:
+        await submit_form(stack, client, visitor(), first)
+        await submit_form(stack, client, visitor(), second)
+        a = await wait_contact(stack, client, lambda c: True, email=first)
+        b = await wait_contact(stack, client, lambda c: True, email=second)
+        unauthorised = await client.get(f"{stack.scoring}/api/contacts/{a['id']}")
+        assert unauthorised.status_code == 401
+        merged = await stack.api(client, "POST", f"/contacts/{a['id']}/merge/{b['id']}")
+        assert merged.status_code == 200, merged.text
+        emails = {i["value"] for i in merged.json()["identifiers"] if i["kind"] == "email"}
+        assert emails == {first, second}
+        via_old_id = await stack.api(client, "GET", f"/contacts/{b['id']}")
+        assert via_old_id.json()["id"] == a["id"]
+
+        export = (await stack.api(client, "GET", f"/contacts/{a['id']}/export")).json()
+        assert len(export["timeline"]) == 2
+        assert [m["merged_id"] for m in export["merged_contacts"]] == [b["id"]]
+
+        erased = await stack.api(client, "DELETE", f"/contacts/{a['id']}")
+        assert erased.status_code == 200
+        assert (await stack.api(client, "GET", f"/contacts/{a['id']}")).status_code == 404
+        assert await find(stack, client, email=first) is None
+        # An in-flight event for the erased person does not bring the profile back.
+        await submit_form(stack, client, visitor(), first)
+        await asyncio.sleep(1.5)
+        assert await find(stack, client, email=first) is None
+
+
+async def test_everything_scoring_published_matches_the_contracts(
+        stack: Stack, contract_registry: ContractRegistry) -> None:
+    """Runs last in this module: every message the scenarios above caused is checked."""
+    seen: dict[str, int] = {}
+    for topic in ("contact-events", "contact-changes"):
+        records = await read_topic(stack.settings.kafka_bootstrap_servers,
+                                   stack.settings.topic(topic), 1, timeout=5, idle=1.0)
+        for message in values(records):
+            assert contract_registry.validate(message) == [], message
+            assert message["type"] in contract_registry.topics[topic].message_types
+            seen[message["type"]] = seen.get(message["type"], 0) + 1
+    assert set(seen) == {"contact.activity.v1", "contact.merged.v1", "contact.profile_changed.v1",
+                         "contact.score_changed.v1", "contact.stage_changed.v1",
+                         "contact.erased.v1"}

@@ -203,7 +203,7 @@ def resolve(workspace: str, claims: Claims, known: Mapping[Identifier, ContactVi
         else:
             fresh = (device_contact_id(workspace, device.value)
                      if device is not None and device_contact is None else new_id)
-            person = ContactView(fresh, now)
+            person = ContactView(fresh, now, frozenset(unlinked))
             resolution.create = True
     elif person.conflicts_with(candidate):
         # e.g. an identify with a second userId for a contact that has one: keep it apart.
@@ -211,6 +211,7 @@ def resolve(workspace: str, claims: Claims, known: Mapping[Identifier, ContactVi
                                     f"{', '.join(sorted(candidate.kinds()))}; not linked")
         unlinked = [i for i in unlinked if i.kind not in person.kinds()]
     resolution.link.extend(unlinked)
+    person = person.carrying(unlinked)
     if device is not None:
         person = _attach_device(workspace, device, device_contact, person, resolution,
                                 explicit=explicit)
