@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,25 +19,27 @@ import pytest
 from segment.analytics.client import Client as SegmentClient
 
 from leadwerk_platform.embedded import free_port
+from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN
 from leadwerk_platform.testing.helpers import read_topic, values
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
-    kafka_port, ingest_port = free_port(), free_port()
+def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, int, Path]]:
+    kafka_port, ingest_port, scoring_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LEADWERK_", "KAFKA_", "DATABASE_"))}
     env.update({"LEADWERK_STATE_DIR": str(tmp_path / "state"),
                 "LEADWERK_EMBEDDED_KAFKA_PORT": str(kafka_port),
-                "LEADWERK_INGEST_PORT": str(ingest_port)})
+                "LEADWERK_INGEST_PORT": str(ingest_port),
+                "LEADWERK_SCORING_PORT": str(scoring_port)})
     log = tmp_path / "stack.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield process, kafka_port, ingest_port, log
+        yield process, kafka_port, ingest_port, scoring_port, log
     finally:
         if process.poll() is None:
             process.kill()
@@ -57,10 +60,12 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all(
-        stack: tuple[subprocess.Popen[bytes], int, int, Path]) -> None:
-    process, kafka_port, ingest_port, log = stack
+        stack: tuple[subprocess.Popen[bytes], int, int, int, Path]) -> None:
+    process, kafka_port, ingest_port, scoring_port, log = stack
     url = f"http://127.0.0.1:{ingest_port}"
+    scoring = f"http://127.0.0.1:{scoring_port}"
     await asyncio.to_thread(wait_ready, url, process, log)
+    await asyncio.to_thread(wait_ready, scoring, process, log)
     curl = shutil.which("curl")
     body = '{"userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}}'
     if curl:  # the README's example, verbatim apart from the port
@@ -84,9 +89,21 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
     events = values(await read_topic(f"127.0.0.1:{kafka_port}", "tracking-events", 2))
     assert sorted(e["data"]["event"] for e in events) == ["Demo Video Watched",
                                                           "Document Downloaded"]
+    # The scoring service (its own process) turned both into contacts with scores.
+    async with httpx.AsyncClient(base_url=scoring, headers={
+            "Authorization": f"Bearer {DEVELOPMENT_ADMIN_TOKEN}"}) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            found = (await client.get("/api/contacts", params={"user_id": "u-2"})).json()
+            if found["items"] and found["items"][0]["score"] == 15:
+                break
+            assert time.monotonic() < deadline, found
+            await asyncio.sleep(0.2)
     text = log.read_text()
-    assert f"ingest listening on http://127.0.0.1:{ingest_port}" in text
-    assert "ingest | " in text  # service logs are prefixed
+    assert re.search(rf"ingest +listening on http://127\.0\.0\.1:{ingest_port}", text)
+    assert re.search(rf"scoring +listening on http://127\.0\.0\.1:{scoring_port}", text)
+    assert re.search(r"^ingest +\| ", text, re.MULTILINE)  # service logs are prefixed
+    assert re.search(r"^scoring +\| ", text, re.MULTILINE)
 
     process.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(process.wait, 30) == 0

@@ -21,11 +21,11 @@ from leadwerk_scoring.adapters import identities as store
 from leadwerk_scoring.adapters.messages import CONTACT_EVENTS, contact_message
 from leadwerk_scoring.domain.identity import Identifier, claims_from, resolve
 from leadwerk_scoring.domain.profile import (
-    WEB_KINDS,
     combine_touches,
     event_kind,
     flatten,
     merge_traits,
+    on_website,
     session_for,
     touch_of,
     traits_of,
@@ -103,11 +103,14 @@ class Stitcher:
                       key: bytes | None) -> list[OutgoingMessage]:
         data, workspace = envelope.data, envelope.workspace
         kind = event_kind(envelope.type)
+        claims = claims_from(envelope.type, data, self._declared.get(workspace, ()))
         client = data.get("client")
-        if isinstance(client, dict) and client.get("bot"):
+        if isinstance(client, dict) and client.get("bot") and not claims.strong \
+                and not claims.token_contact:
+            # An anonymous crawler. A flagged request that names a user is a server-side
+            # integration (curl and HTTP libraries are on the crawler lists), not a bot.
             self._metrics.skipped.labels("bot").inc()
             return []
-        claims = claims_from(envelope.type, data, self._declared.get(workspace, ()))
         candidates = [*claims.lookups]
         if claims.token_contact:
             candidates.append(Identifier("contact", claims.token_contact))
@@ -148,7 +151,7 @@ class Stitcher:
         if resolution.switched_device:
             self._metrics.device_switches.inc()
         session = None
-        if kind in WEB_KINDS:
+        if on_website(kind, data):
             previous = await connection.fetchrow(
                 "SELECT session_id::text AS session_id, occurred_at FROM timeline "
                 "WHERE workspace = $1 AND contact_id = $2 AND occurred_at <= $3 "
@@ -191,8 +194,9 @@ class Stitcher:
                                       store.load_json(row["last_touch"]),
                                       touch_of(envelope.data, envelope.occurred_at))
         last_seen = row["last_seen_at"]
-        if kind in WEB_KINDS and (last_seen is None or envelope.occurred_at > last_seen):
-            last_seen = envelope.occurred_at
+        at = envelope.occurred_at
+        if on_website(kind, envelope.data) and (last_seen is None or at > last_seen):
+            last_seen = at
         await connection.execute(
             "UPDATE contacts SET traits = $3, first_touch = $4, last_touch = $5, "
             "last_seen_at = $6, updated_at = $7 WHERE workspace = $1 AND contact_id = $2",

@@ -10,8 +10,18 @@ from typing import Any
 
 from leadwerk_platform.envelope import format_timestamp, parse_timestamp
 
-#: Event kinds that happen on the website and so make up a visit (a session).
+#: Event kinds that can happen on the website and so make up a visit (a session).
 WEB_KINDS = frozenset({"page", "screen", "track", "form_submitted"})
+
+
+def on_website(kind: str, data: Mapping[str, Any]) -> bool:
+    """Page and screen views, and tracked actions or forms that came from a page (server-side
+    ``track`` calls without a page context are not visits)."""
+    if kind in {"page", "screen"}:
+        return True
+    context = data.get("context")
+    return kind in WEB_KINDS and isinstance(context, dict) and isinstance(context.get("page"),
+                                                                          dict)
 _MAX_DEPTH = 3
 
 
