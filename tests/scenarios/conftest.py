@@ -15,18 +15,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
 from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.kafka.topics import provision_topics
-from leadwerk_platform.migrations import upgrade
 from leadwerk_platform.registry import ContractRegistry
-from leadwerk_platform.services import SERVICES
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
-from leadwerk_platform.testing.helpers import serve_app
+from leadwerk_platform.testing.helpers import create_database, migrate, serve_app
 from leadwerk_platform.testing.plugin import Infrastructure
 from leadwerk_scoring.api import Scoring, create_app
 from leadwerk_scoring.settings import ScoringSettings
@@ -94,17 +91,8 @@ class Stack:
 
 async def scoring_database(infrastructure: Infrastructure) -> str:
     """A fresh database with the scoring schema migrated."""
-    name = f"scn_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(infrastructure.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base, _, query = infrastructure.database_url.partition("?")
-    url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
-    migrations = next(s for s in SERVICES if s.name == "scoring").migrations
-    assert migrations is not None
-    await asyncio.to_thread(upgrade, url, "scoring", migrations)
+    url = await create_database(infrastructure.database_url, "scn")
+    await migrate(url, "scoring")
     return url
 
 

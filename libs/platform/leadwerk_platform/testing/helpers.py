@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import orjson
 import uvicorn
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from leadwerk_platform.embedded import free_port
+from leadwerk_platform.migrations import upgrade
+from leadwerk_platform.services import SERVICES
 
 
 async def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 10.0,
@@ -65,3 +69,24 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+async def create_database(admin_url: str, prefix: str = "test") -> str:
+    """A fresh, empty database on the server ``admin_url`` points at; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base, _, query = admin_url.partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
+
+
+async def migrate(database_url: str, service: str) -> None:
+    """Apply ``service``'s migrations to ``database_url`` (as the bootstrap command does)."""
+    spec = next(s for s in SERVICES if s.name == service)
+    if spec.migrations is None:
+        msg = f"{service} has no migrations"
+        raise ValueError(msg)
+    await asyncio.to_thread(upgrade, database_url, spec.schema, spec.migrations)

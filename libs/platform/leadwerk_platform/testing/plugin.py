@@ -18,6 +18,7 @@ from leadwerk_platform.embedded import EmbeddedBroker, EmbeddedPostgres, free_po
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import PlatformSettings, repository_root
+from leadwerk_platform.testing.helpers import create_database
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,8 @@ async def topics(platform_env: dict[str, str], contract_registry: ContractRegist
 @pytest.fixture
 async def database(infrastructure: Infrastructure) -> AsyncIterator[str]:
     """A fresh, empty database for this test; its URL."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(infrastructure.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    base, _, query = infrastructure.database_url.partition("?")
-    url = base.rsplit("/", 1)[0] + "/" + name + (f"?{query}" if query else "")
+    url = await create_database(infrastructure.database_url)
+    name = url.partition("?")[0].rsplit("/", 1)[1]
     yield url
     admin = await asyncpg.connect(infrastructure.database_url)
     try:
