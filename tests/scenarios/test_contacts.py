@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaProducer
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
+from leadwerk_scoring.domain.identity import device_contact_id
 
 from .conftest import Stack, browser
 
@@ -265,6 +266,76 @@ async def test_merge_export_and_erasure_through_the_api(stack: Stack) -> None:
         await asyncio.sleep(1.5)
         assert await find(stack, client, email=first) is None
 
+
+async def test_a_model_change_rescores_from_the_timeline_without_double_counting(
+        stack: Stack) -> None:
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    async with browser() as client:
+        for _ in range(2):
+            await stack.track(client, "track", {"userId": user_id,
+                                                "event": "Document Downloaded"})
+        contact = await wait_contact(stack, client, lambda c: c["score"] >= 30,
+                                     user_id=user_id)
+        original = (await stack.api(client, "GET", "/scoring-model")).json()["model"]
+        invalid = await stack.api(client, "PUT", "/scoring-model", content=b"bands: []")
+        assert invalid.status_code == 422
+        assert any("bands" in problem["loc"] for problem in invalid.json()["detail"])
+
+        changed = {**original}
+        changed["engagement"] = {**original["engagement"], "rules": [
+            {**rule, "points": 40} if rule["id"] == "document-download" else rule
+            for rule in original["engagement"]["rules"]]}
+        try:
+            stored = await stack.api(client, "PUT", "/scoring-model", json=changed)
+            assert stored.status_code == 201, stored.text
+            version = stored.json()["model"]["version"]
+            for _ in range(2):  # a second run changes nothing: no double counting
+                started = await stack.api(client, "POST", "/scoring-model/rescore")
+                assert started.status_code == 202
+
+                async def finished() -> dict[str, Any] | None:
+                    body: dict[str, Any] = (await stack.api(
+                        client, "GET", "/scoring-model/rescore")).json()
+                    return body if body["state"] in {"done", "failed"} else None
+
+                progress = await stack.eventually(finished)
+                assert progress["state"] == "done", progress
+                assert progress["done"] == progress["total"] > 0
+                after = (await stack.api(client, "GET", f"/contacts/{contact['id']}")).json()
+                assert after["score"] == 80
+            history = (await stack.api(client, "GET",
+                                       f"/contacts/{contact['id']}/score-history")).json()
+            assert {e["model_version"] for e in history["history"]} == {version}
+            assert history["by_rule"] == {"document-download": 80}
+        finally:
+            await stack.api(client, "PUT", "/scoring-model", json=original)
+            await stack.api(client, "POST", "/scoring-model/rescore")
+
+
+async def test_retention_purges_old_anonymous_activity_only(stack: Stack) -> None:
+    lurker, known_device, address = visitor(), visitor(), email()
+    async with browser() as client:
+        await stack.track(client, "page", {"anonymousId": lurker, "name": "Start"})
+        await submit_form(stack, client, known_device, address)
+        known = await wait_contact(stack, client, lambda c: True, email=address)
+        lurker_id = device_contact_id("dev", lurker)
+
+        async def lurker_seen() -> bool:
+            response = await stack.api(client, "GET", f"/contacts/{lurker_id}")
+            return response.status_code == 200
+
+        await stack.eventually(lurker_seen)
+        assert stack.service.retention is not None
+        try:
+            stack.clock.offset = timedelta(days=89)
+            await stack.service.retention.run_once()
+            assert await lurker_seen()
+            stack.clock.offset = timedelta(days=91)
+            assert await stack.service.retention.run_once() >= 1
+            assert not await lurker_seen()
+            assert len(await timeline(stack, client, known["id"])) == 1
+        finally:
+            stack.clock.offset = timedelta(0)
 
 async def test_everything_scoring_published_matches_the_contracts(
         stack: Stack, contract_registry: ContractRegistry) -> None:

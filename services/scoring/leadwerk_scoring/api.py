@@ -33,6 +33,7 @@ from leadwerk_scoring.adapters.models import ModelStore
 from leadwerk_scoring.domain.identity import EMAIL, USER, Identifier, clean_id, normalise_email
 from leadwerk_scoring.domain.lifecycle import TransitionError
 from leadwerk_scoring.domain.model import ScoringModel
+from leadwerk_scoring.maintenance import RescoreProgress, Rescorer, Retention
 from leadwerk_scoring.metrics import ScoringMetrics
 from leadwerk_scoring.runtime import Deps
 from leadwerk_scoring.scorer import DowngradeTimer, Scorer
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 SCHEMA = "scoring"
 
 
-def _utcnow() -> datetime:
+def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
@@ -68,6 +69,8 @@ class Scoring:
         self.deps: Deps | None = None
         self.processors: dict[str, StreamProcessor] = {}
         self.timer: DowngradeTimer | None = None
+        self.rescorer: Rescorer | None = None
+        self.retention: Retention | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.relays: dict[str, OutboxRelay] = {}
 
@@ -85,6 +88,10 @@ class Scoring:
         for stream in ("api", *enabled):
             self.relays[stream] = OutboxRelay(pool, self.publisher, schema=SCHEMA, stream=stream)
             self._tasks.append(asyncio.create_task(self.relays[stream].sweep()))
+        self.rescorer = Rescorer(deps, self.relays["api"])
+        if "stitcher" in enabled:
+            self.retention = Retention(deps)
+            self._tasks.append(asyncio.create_task(self.retention.run()))
         policy = StreamPolicy(batch_size=self.settings.batch_size,
                               batch_within=self.settings.batch_within)
         if "stitcher" in enabled:
@@ -105,6 +112,8 @@ class Scoring:
             await processor.start()
 
     async def stop(self) -> None:
+        if self.rescorer is not None:
+            await self.rescorer.stop()
         for processor in self.processors.values():
             with contextlib.suppress(Exception):
                 await processor.stop()
@@ -149,7 +158,7 @@ class AdminGuard:
                                 headers={"WWW-Authenticate": "Bearer"})
 
 
-def create_app(settings: ScoringSettings, *, clock: Callable[[], datetime] = _utcnow,
+def create_app(settings: ScoringSettings, *, clock: Callable[[], datetime] = utcnow,
                on_fatal: Callable[[BaseException], None] = _terminate) -> FastAPI:
     scoring = Scoring(settings, clock, on_fatal)
 
@@ -312,7 +321,26 @@ def _api_router(scoring: Scoring, settings: ScoringSettings) -> APIRouter:  # no
         return JSONResponse({"model": stored.model_dump(mode="json", by_alias=True,
                                                         exclude_none=True)}, status_code=201)
 
+    @router.post("/scoring-model/rescore", tags=["scoring model"], status_code=202,
+                 summary="Re-score every contact from its timeline under the model in force")
+    async def start_rescore(workspace: Workspace = settings.default_workspace,
+                            ) -> dict[str, Any]:
+        assert scoring.rescorer is not None  # noqa: S101 - set in the lifespan
+        return _progress(scoring.rescorer.start(workspace))
+
+    @router.get("/scoring-model/rescore", tags=["scoring model"],
+                summary="Progress of the running (or last) re-score")
+    async def rescore_progress() -> dict[str, Any]:
+        assert scoring.rescorer is not None  # noqa: S101 - set in the lifespan
+        return _progress(scoring.rescorer.progress)
+
     return router
+
+
+def _progress(progress: RescoreProgress) -> dict[str, Any]:
+    return {"state": progress.state, "total": progress.total, "done": progress.done,
+            "changed": progress.changed, "model_version": progress.model_version,
+            "error": progress.error}
 
 
 def _uuid(value: str) -> str:
