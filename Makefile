@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTHON ?= python3
 
-.PHONY: help setup run test test-fast lint format bench browser clean
+.PHONY: help setup run test test-fast lint format bench bench-scoring browser clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -44,8 +44,12 @@ lint: setup  ## ruff + mypy (strict)
 format: setup  ## apply ruff's fixes and formatting
 	@$(UV) run --no-sync ruff check --fix .
 
-bench: setup  ## ingest throughput/latency against baselines measured in the same run
+bench: setup  ## ingest and scoring throughput/latency against baselines measured in the same run
 	@$(UV) run --no-sync python -m bench.ingest_bench
+	@$(UV) run --no-sync python -m bench.scoring_bench
+
+bench-scoring: setup  ## only the stitcher/scorer benchmark (docs/benchmarks-scoring.md)
+	@$(UV) run --no-sync python -m bench.scoring_bench
 
 clean:  ## remove local state (embedded Postgres data) and caches
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
