@@ -53,6 +53,7 @@ class ScoreRow:
     stage: str
     model_version: int
     causes: list[dict[str, Any]] = field(default_factory=list)
+    gone: bool = False  # merged into another row during this batch
 
     def value_at(self, moment: datetime, model: ScoringModel) -> float:
         if self.engagement_at is None:
@@ -92,6 +93,8 @@ class ScoreWriter:
         self._deps = deps
         self._connection = connection
         self.outgoing: list[OutgoingMessage] = []
+        self._history: list[tuple[Any, ...]] = []
+        self._stages: list[tuple[Any, ...]] = []
 
     async def points(self, row: ScoreRow, model: ScoringModel, envelope: Envelope,
                      activity: dict[str, Any], session_started: bool) -> None:
@@ -116,11 +119,9 @@ class ScoreWriter:
                 model.half_life)
             row.causes.append({"rule": rule.id, "points": rule.points,
                                "event_id": envelope.id})
-            await self._connection.execute(
-                "INSERT INTO score_history (workspace, contact_id, event_id, event_type, rule, "
-                "points, occurred_at, model_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                row.workspace, row.contact_id, envelope.id, activity.get("type", ""), rule.id,
-                rule.points, envelope.occurred_at, model.version)
+            self._history.append((row.workspace, row.contact_id, envelope.id,
+                                  activity.get("type") or "", rule.id, rule.points,
+                                  envelope.occurred_at, model.version))
             self._deps.metrics.points.labels(rule.id).inc()
 
     async def transition(self, row: ScoreRow, change: Transition | None, model: ScoringModel,
@@ -128,11 +129,8 @@ class ScoreWriter:
         if change is None:
             return
         row.stage = change.to_stage
-        await self._connection.execute(
-            "INSERT INTO stage_history (workspace, contact_id, from_stage, to_stage, cause, "
-            "reason, event_id, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            row.workspace, row.contact_id, change.from_stage, change.to_stage, change.cause,
-            change.reason, cause_event_id, at)
+        self._stages.append((row.workspace, row.contact_id, change.from_stage, change.to_stage,
+                             change.cause, change.reason, cause_event_id, at))
         self._deps.metrics.transitions.labels(change.from_stage, change.to_stage,
                                               change.cause).inc()
         score = round(row.value_at(at, model), 2)
@@ -150,21 +148,19 @@ class ScoreWriter:
 
     async def save(self, row: ScoreRow, model: ScoringModel, at: datetime, *,
                    previous_score: float, previous_rating: str, cause_id: str) -> None:
-        """Write the row back; announce a score change when score or rating moved."""
-        downgrade_at = None
-        if row.stage == "mql" and row.engagement_at is not None:
-            downgrade_at = falls_below_at(row.engagement, row.engagement_at,
-                                          model.lifecycle.mql.downgrade_below, model.half_life)
-        await self._connection.execute(
-            "UPDATE scores SET engagement = $3, engagement_at = $4, grade = $5, known = $6, "
-            "stage = $7, stage_changed_at = CASE WHEN stage = $7 THEN stage_changed_at "
-            "ELSE $8 END, downgrade_at = $9, model_version = $10, updated_at = $8 "
-            "WHERE workspace = $1 AND contact_id = $2",
-            row.workspace, row.contact_id, row.engagement, row.engagement_at, row.grade,
-            row.known, row.stage, at, downgrade_at, model.version)
+        """Announce, store and flush one row (for callers that handle one contact)."""
+        self.announce(row, model, at, previous_score=previous_score,
+                      previous_rating=previous_rating, cause_id=cause_id)
+        await self.store([(row, model)], at)
+        await self.flush()
+
+    def announce(self, row: ScoreRow, model: ScoringModel, at: datetime, *,
+                 previous_score: float, previous_rating: str, cause_id: str) -> None:
+        """A score change message when this event moved the score or the rating."""
         score = round(row.value_at(at, model), 2)
         new_rating = rating(row.grade, model.band(score))
-        if not row.causes and new_rating == previous_rating:
+        causes, row.causes = row.causes, []
+        if not causes and new_rating == previous_rating:
             return
         self.outgoing.append(contact_message(
             self._deps.settings, CONTACT_CHANGES, "contact.score_changed.v1",
@@ -174,7 +170,40 @@ class ScoreWriter:
                   "previous_score": round(previous_score, 2), "grade": row.grade,
                   "band": model.band(score), "rating": new_rating,
                   "previous_rating": previous_rating, "model_version": model.version,
-                  "causes": row.causes}))
+                  "causes": causes}))
+
+    async def store(self, rows: Sequence[tuple[ScoreRow, ScoringModel]], at: datetime) -> None:
+        """Write the rows back (one statement for all)."""
+        values = []
+        for row, model in rows:
+            downgrade_at = None
+            if row.stage == "mql" and row.engagement_at is not None:
+                downgrade_at = falls_below_at(row.engagement, row.engagement_at,
+                                              model.lifecycle.mql.downgrade_below,
+                                              model.half_life)
+            values.append((row.workspace, row.contact_id, row.engagement, row.engagement_at,
+                           row.grade, row.known, row.stage, at, downgrade_at, model.version))
+        if values:
+            await self._connection.executemany(
+                "UPDATE scores SET engagement = $3, engagement_at = $4, grade = $5, "
+                "known = $6, stage = $7, stage_changed_at = CASE WHEN stage = $7 "
+                "THEN stage_changed_at ELSE $8 END, downgrade_at = $9, model_version = $10, "
+                "updated_at = $8 WHERE workspace = $1 AND contact_id = $2", values)
+
+    async def flush(self) -> None:
+        """Write the collected explanation and stage-history rows."""
+        if self._history:
+            await self._connection.executemany(
+                "INSERT INTO score_history (workspace, contact_id, event_id, event_type, rule, "
+                "points, occurred_at, model_version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                self._history)
+            self._history = []
+        if self._stages:
+            await self._connection.executemany(
+                "INSERT INTO stage_history (workspace, contact_id, from_stage, to_stage, "
+                "cause, reason, event_id, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                self._stages)
+            self._stages = []
 
 
 async def contact_traits(connection: Any, workspace: str, contact_id: str) -> dict[str, Any]:
@@ -184,8 +213,67 @@ async def contact_traits(connection: Any, workspace: str, contact_id: str) -> di
     return trait_values(load_json(traits)) if traits is not None else {}
 
 
+async def current_ids(connection: Any,
+                      keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Follow merges for many contacts at once: (workspace, id) → the id it is now."""
+    result = {key: key[1] for key in keys}
+    pending = set(keys)
+    for _ in range(_MAX_MERGE_HOPS):
+        if not pending:
+            break
+        current = {(w, result[(w, i)]) for w, i in pending}
+        rows = await connection.fetch(
+            "SELECT m.workspace, m.merged_id::text AS merged, m.survivor_id::text AS survivor "
+            "FROM merges m JOIN unnest($1::text[], $2::uuid[]) AS k(w, id) "
+            "ON m.workspace = k.w AND m.merged_id = k.id",
+            [w for w, _ in current], [i for _, i in current])
+        moved = {(r["workspace"], r["merged"]): r["survivor"] for r in rows}
+        pending = {key for key in pending if (key[0], result[key]) in moved}
+        for key in pending:
+            result[key] = moved[(key[0], result[key])]
+    return result
+
+
+async def lock_scores(connection: Any, keys: set[tuple[str, str]],
+                      models: dict[str, ScoringModel],
+                      now: datetime) -> dict[tuple[str, str], ScoreRow]:
+    """Lock (creating where needed) the score rows of many contacts, in one order for every
+    process; returns a row per requested (workspace, id), merges followed."""
+    resolved = await current_ids(connection, keys)
+    targets = sorted({(w, i) for (w, _), i in resolved.items()})
+    if not targets:
+        return {}
+    await connection.execute(
+        "INSERT INTO scores (workspace, contact_id, model_version, updated_at) "
+        "SELECT w, id, v, $4 FROM unnest($1::text[], $2::uuid[], $3::int[]) AS k(w, id, v) "
+        "ORDER BY w, id ON CONFLICT DO NOTHING",
+        [w for w, _ in targets], [i for _, i in targets],
+        [models[w].version for w, _ in targets], now)
+    rows = await connection.fetch(
+        "SELECT s.workspace, s.contact_id::text AS contact_id, engagement, engagement_at, "
+        "grade, known, stage, model_version FROM scores s "
+        "JOIN unnest($1::text[], $2::uuid[]) AS k(w, id) "
+        "ON s.workspace = k.w AND s.contact_id = k.id "
+        "ORDER BY s.workspace, s.contact_id FOR UPDATE OF s",
+        [w for w, _ in targets], [i for _, i in targets])
+    locked = {(r["workspace"], r["contact_id"]): ScoreRow(
+        r["workspace"], r["contact_id"], r["engagement"], r["engagement_at"], r["grade"],
+        r["known"], r["stage"], r["model_version"]) for r in rows}
+    # A merge that committed while we waited for a lock: those few go the careful way.
+    again = await current_ids(connection, set(locked))
+    for key, now_id in again.items():
+        if now_id != key[1] or key not in locked:
+            locked[key] = await lock_score(connection, key[0], key[1], models[key[0]], now)
+    return {key: locked[(key[0], resolved[key])] for key in keys}
+
+
 class Scorer:
-    """The batch handler of the ``scoring.scorer`` stream processor."""
+    """The batch handler of the ``scoring.scorer`` stream processor.
+
+    Per batch: the score rows of every contact in it are locked at once (sorted, so processes
+    never deadlock), events are applied in order in memory, and rows, explanations and stage
+    history are written back with one statement each.
+    """
 
     def __init__(self, deps: Deps, relay: OutboxRelay, timer: DowngradeTimer | None) -> None:
         self._deps = deps
@@ -199,16 +287,35 @@ class Scorer:
                 "INSERT INTO processed (consumer, event_id) "
                 "SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id::text",
                 CONSUMER, list({m.envelope.id for m in batch}))}
-            writer = ScoreWriter(self._deps, connection)
+            todo: list[tuple[StreamMessage, str]] = []
             for message in batch:
                 envelope = message.envelope
                 if envelope.id not in fresh:
                     self._deps.metrics.duplicates.labels(CONSUMER).inc()
                     continue
                 fresh.discard(envelope.id)
-                problem = await self._apply(connection, writer, envelope)
+                contact_id = envelope.data.get("contact_id") or envelope.data.get("survivor_id")
+                if not isinstance(contact_id, str):
+                    rejected.append(Rejected(message, f"{envelope.type} without a contact id"))
+                    continue
+                todo.append((message, contact_id))
+            now = self._deps.clock()
+            models = {w: await self._deps.models.current(connection, w)
+                      for w in {m.envelope.workspace for m, _ in todo}}
+            rows = await lock_scores(connection, {(m.envelope.workspace, c) for m, c in todo},
+                                     models, now)
+            traits = await self._traits(connection, [r for r in rows.values() if r.known])
+            writer = ScoreWriter(self._deps, connection)
+            for message, contact_id in todo:
+                envelope = message.envelope
+                key = (envelope.workspace, contact_id)
+                problem = await self._apply(connection, writer, envelope, rows=rows, key=key,
+                                            model=models[envelope.workspace], traits=traits)
                 if problem:
                     rejected.append(Rejected(message, problem))
+            stored = {id(r): r for r in rows.values() if not r.gone}
+            await writer.store([(r, models[r.workspace]) for r in stored.values()], now)
+            await writer.flush()
             await add_to_outbox(connection, OUTBOX_STREAM, writer.outgoing)
         await self._relay.flush()
         self._deps.metrics.events.labels(CONSUMER).inc(len(batch))
@@ -216,18 +323,29 @@ class Scorer:
             self._timer.wake()
         return rejected
 
-    async def _apply(self, connection: Any, writer: ScoreWriter,
-                     envelope: Envelope) -> str | None:
+    async def _traits(self, connection: Any,
+                      rows: Sequence[ScoreRow]) -> dict[tuple[str, str], dict[str, Any]]:
+        if not rows:
+            return {}
+        found = await connection.fetch(
+            "SELECT c.workspace, c.contact_id::text AS contact_id, c.traits FROM contacts c "
+            "JOIN unnest($1::text[], $2::uuid[]) AS k(w, id) "
+            "ON c.workspace = k.w AND c.contact_id = k.id",
+            [r.workspace for r in rows], [r.contact_id for r in rows])
+        return {(r["workspace"], r["contact_id"]): trait_values(load_json(r["traits"]))
+                for r in found}
+
+    async def _apply(self, connection: Any, writer: ScoreWriter, envelope: Envelope, *,
+                     rows: dict[tuple[str, str], ScoreRow], key: tuple[str, str],
+                     model: ScoringModel,
+                     traits: dict[tuple[str, str], dict[str, Any]]) -> str | None:
         data = envelope.data
-        contact_id = data.get("contact_id") or data.get("survivor_id")
-        if not isinstance(contact_id, str):
-            return f"{envelope.type} without a contact id"
-        model = await self._deps.models.current(connection, envelope.workspace)
+        row = rows[key]
         now = self._deps.clock()
-        row = await lock_score(connection, envelope.workspace, contact_id, model, now)
-        previous_score = row.value_at(envelope.occurred_at, model)
-        previous_rating = rating(row.grade, model.band(round(previous_score, 2)))
         at = envelope.occurred_at
+        previous_score = row.value_at(at, model)
+        previous_rating = rating(row.grade, model.band(round(previous_score, 2)))
+        row.causes = []
         match envelope.type:
             case "contact.activity.v1":
                 session = data.get("session") or {}
@@ -241,15 +359,18 @@ class Scorer:
                                             envelope.id)
                 if row.known:
                     await self._qualify(connection, writer, row, model, at=at,
-                                        event_id=envelope.id)
+                                        event_id=envelope.id, traits=traits)
             case "contact.profile_changed.v1":
                 row.known = True
+                if isinstance(data.get("traits"), dict):
+                    traits[(row.workspace, row.contact_id)] = data["traits"]
                 await writer.transition(row, lifecycle.on_identified(row.stage), model, at,
                                         envelope.id)
                 await self._qualify(connection, writer, row, model, at=at,
-                                    event_id=envelope.id, traits=data.get("traits"))
+                                    event_id=envelope.id, traits=traits)
             case "contact.merged.v1":
-                await self._merge(connection, writer, row, model, envelope)
+                await self._merge(connection, writer, rows=rows, row=row, model=model,
+                                  envelope=envelope)
             case "crm.lead_feedback.v1":
                 row.known = True
                 try:
@@ -260,29 +381,45 @@ class Scorer:
                 await writer.transition(row, change, model, at, envelope.id)
             case _:
                 return None  # another service's event on a shared topic: not ours to score
-        await writer.save(row, model, now if at > now else at, previous_score=previous_score,
-                          previous_rating=previous_rating, cause_id=envelope.id)
+        writer.announce(row, model, now if at > now else at, previous_score=previous_score,
+                        previous_rating=previous_rating, cause_id=envelope.id)
         return None
 
     async def _qualify(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
                        model: ScoringModel, *, at: datetime, event_id: str,
-                       traits: dict[str, Any] | None = None) -> None:
+                       traits: dict[tuple[str, str], dict[str, Any]]) -> None:
         """Grade from the profile, then the score-driven lifecycle rules."""
-        if traits is None:
-            traits = await contact_traits(connection, row.workspace, row.contact_id)
-        row.grade = model.grade(traits)
+        key = (row.workspace, row.contact_id)
+        if key not in traits:
+            traits[key] = await contact_traits(connection, row.workspace, row.contact_id)
+        row.grade = model.grade(traits[key])
         await writer.transition(row, lifecycle.on_score(row.stage, row.value_at(at, model),
-                                                        traits, model), model, at, event_id)
+                                                        traits[key], model),
+                                model, at, event_id)
 
-    async def _merge(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
+    async def _merge(self, connection: Any, writer: ScoreWriter, *,
+                     rows: dict[tuple[str, str], ScoreRow], row: ScoreRow,
                      model: ScoringModel, envelope: Envelope) -> None:
         """Move the merged contact's score state onto the survivor (``row``)."""
         workspace, merged = envelope.workspace, str(envelope.data.get("merged_id"))
         if merged == row.contact_id:
             return
-        other = await connection.fetchrow(
-            "SELECT engagement, engagement_at, known, stage FROM scores "
-            "WHERE workspace = $1 AND contact_id = $2 FOR UPDATE", workspace, merged)
+        await writer.flush()  # explanation rows of this batch move with the contact
+        in_batch = next((r for r in rows.values()
+                         if r.workspace == workspace and r.contact_id == merged), None)
+        if in_batch is not None:
+            other: dict[str, Any] | None = {
+                "engagement": in_batch.engagement, "engagement_at": in_batch.engagement_at,
+                "known": in_batch.known, "stage": in_batch.stage}
+            in_batch.gone = True
+            for key, value in list(rows.items()):
+                if value is in_batch:
+                    rows[key] = row
+        else:
+            found = await connection.fetchrow(
+                "SELECT engagement, engagement_at, known, stage FROM scores "
+                "WHERE workspace = $1 AND contact_id = $2 FOR UPDATE", workspace, merged)
+            other = dict(found) if found is not None else None
         if other is None:
             return
         if other["engagement_at"] is not None:
@@ -296,6 +433,7 @@ class Scorer:
         if target != row.stage:
             await writer.transition(row, Transition(row.stage, target, "merge"), model,
                                     envelope.occurred_at, envelope.id)
+        await writer.flush()
         for table in ("score_history", "stage_history"):
             await connection.execute(
                 f"UPDATE {table} SET contact_id = $3 "  # noqa: S608 - fixed table names
