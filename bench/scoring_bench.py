@@ -152,22 +152,24 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 async def rate(pool: asyncpg.Pool, consumer: str, events: int, process: subprocess.Popen[bytes],
-               timeout: float) -> float:
-    """Events/s of one processor: from its first processed event to its last."""
+               timeout: float, start_consumer: str | None = None) -> float:
+    """Events/s: from the first event ``start_consumer`` (default: ``consumer``) processed to
+    the last one ``consumer`` processed (the time before the first is group joining)."""
     query = "SELECT count(*) FROM processed WHERE consumer = $1"
     deadline = time.monotonic() + timeout
     first_at, first_count = None, 0
     while True:
         done: int = await pool.fetchval(query, consumer)
+        started: int = await pool.fetchval(query, start_consumer or consumer)
         now = time.perf_counter()
-        if first_at is None and done > 0:
-            first_at, first_count = now, done
+        if first_at is None and started > 0:
+            first_at, first_count = now, (started if start_consumer is None else 0)
         if done >= events:
             assert first_at is not None
             return (done - first_count) / max(now - first_at, 1e-9)
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{consumer}: {done} of {events} processed")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
 
 
 async def latency(ingest_url: str, bootstrap: str, changes_topic: str, per_second: int,
@@ -306,10 +308,8 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             else:
                 process = start_scoring(run_env, processors, work / "together.log")
                 try:
-                    stitched = asyncio.create_task(rate(pool, "stitcher", args.events,
-                                                        process, 600))
-                    scored = await rate(pool, "scorer", args.events, process, 600)
-                    await stitched
+                    scored = await rate(pool, "scorer", args.events, process, 600,
+                                        start_consumer="stitcher")
                     results["together_events_s"] = scored
                 finally:
                     stop(process)
