@@ -253,9 +253,17 @@ async def test_merge_export_and_erasure_through_the_api(stack: Stack) -> None:
         via_old_id = await stack.api(client, "GET", f"/contacts/{b['id']}")
         assert via_old_id.json()["id"] == a["id"]
 
+        # Events that arrive for the merged-away person land on the survivor.
+        await stack.track(client, "identify", {"anonymousId": visitor(),
+                                               "traits": {"email": second}})
+
+        async def landed() -> bool:
+            return len(await timeline(stack, client, a["id"])) == 3
+
+        await stack.eventually(landed)
         export = (await stack.api(client, "GET", f"/contacts/{a['id']}/export")).json()
-        assert len(export["timeline"]) == 2
-        assert [m["merged_id"] for m in export["merged_contacts"]] == [b["id"]]
+        assert len(export["timeline"]) == 3
+        assert b["id"] in [m["merged_id"] for m in export["merged_contacts"]]
 
         erased = await stack.api(client, "DELETE", f"/contacts/{a['id']}")
         assert erased.status_code == 200
@@ -336,6 +344,32 @@ async def test_retention_purges_old_anonymous_activity_only(stack: Stack) -> Non
             assert len(await timeline(stack, client, known["id"])) == 1
         finally:
             stack.clock.offset = timedelta(0)
+
+async def test_unprocessable_tracking_events_are_dead_lettered_and_the_stream_goes_on(
+        stack: Stack) -> None:
+    topic = stack.settings.topic("tracking-events")
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap_servers)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"not json", key=b"dev:a:broken")
+        wrong = Envelope(id=str(uuid.uuid4()), type="contact.activity.v1", workspace="dev",
+                         occurred_at=datetime.now(UTC), received_at=datetime.now(UTC),
+                         producer="somebody", data={})
+        await producer.send_and_wait(topic, encode(wrong), key=b"dev:a:broken")
+    finally:
+        await producer.stop()
+    address = email()
+    async with browser() as client:
+        await submit_form(stack, client, visitor(), address)
+        await wait_contact(stack, client, lambda c: True, email=address)
+    dead = await read_topic(stack.settings.kafka_bootstrap_servers,
+                            stack.settings.topic("tracking-events-dlq"), 2)
+    assert b"not json" in {r.value for r in dead}
+    for record in dead:
+        headers = dict(record.headers)
+        assert headers["x-leadwerk-dlq-topic"] == topic.encode()
+        assert headers["x-leadwerk-dlq-group"].endswith(b"scoring.stitcher")
+        assert headers["x-leadwerk-dlq-error"]
 
 async def test_everything_scoring_published_matches_the_contracts(
         stack: Stack, contract_registry: ContractRegistry) -> None:

@@ -15,7 +15,7 @@ class ScoringSettings(PlatformSettings):
     #: default, one process does everything), one of them, or "" (API only).
     processors: str = Field("stitcher,scorer", alias="LEADWERK_SCORING_PROCESSORS")
     default_workspace: str = Field("dev", alias="LEADWERK_DEFAULT_WORKSPACE")
-    batch_size: int = Field(500, alias="LEADWERK_SCORING_BATCH_SIZE", gt=0)
+    batch_size: int = Field(1000, alias="LEADWERK_SCORING_BATCH_SIZE", gt=0)
     batch_within: float = Field(0.05, alias="LEADWERK_SCORING_BATCH_WITHIN", gt=0)
     #: A visit ends after this long without activity.
     session_timeout_minutes: float = Field(30, alias="LEADWERK_SCORING_SESSION_TIMEOUT_MINUTES")
