@@ -6,9 +6,10 @@ One run on this machine, with 100,000 known contacts in the scoring database:
   topic with the same events: what reading the stream costs by itself;
 * stitcher alone and scorer alone, each its own ``python -m leadwerk_scoring`` process
   (``LEADWERK_SCORING_PROCESSORS``), then both in one process: events per second per process;
-* end-to-end latency: ingest and scoring running, single-event ``POST /v1/track`` at a steady
-  2,000 events/s; per event, from ingest's 200 to the score change being committed (the
-  ``contact.score_changed.v1`` the scorer publishes after its commit): p50, p99.
+* end-to-end latency: ingest, stitcher and scorer running (each its own process, as
+  deployed), single-event ``POST /v1/track`` at a steady 2,000 events/s; per event, from
+  ingest's 200 to the score change being committed (the ``contact.score_changed.v1`` the
+  scorer publishes after its commit): p50, p99.
 
 Targets (issue "Identity stitching … scoring"): ≥ 20,000 events/s through stitcher plus
 scorer; p99 < 1 s. A missed target prints FAIL; the exit status stays 0 (a measurement).
@@ -327,16 +328,22 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                       env={**run_env, "LEADWERK_INGEST_PORT": str(ingest_port)},
                                       stdout=out, stderr=subprocess.STDOUT,
                                       start_new_session=True)
-        scoring = start_scoring(run_env, "stitcher,scorer", work / "latency.log")
+        # As deployed: the stitcher and the scorer in their own processes.
+        scoring = [start_scoring(run_env, name, work / f"latency-{name}.log")
+                   for name in ("stitcher", "scorer")]
         try:
             await wait_http(f"http://127.0.0.1:{ingest_port}")
             await asyncio.sleep(5)  # consumer groups join
-            print(f"[latency] {args.rate:,} events/s for {args.seconds} s …", flush=True)
-            results["latency"] = await latency(
-                f"http://127.0.0.1:{ingest_port}", bootstrap, f"{prefix}contact-changes",
-                args.rate, args.seconds, args.contacts)
+            # Half the target rate first (for the shape of the curve), then the target.
+            for key, per_second in (("latency_half", args.rate // 2), ("latency", args.rate)):
+                print(f"[latency] {per_second:,} events/s for {args.seconds} s …", flush=True)
+                results[key] = await latency(
+                    f"http://127.0.0.1:{ingest_port}", bootstrap, f"{prefix}contact-changes",
+                    per_second, args.seconds, args.contacts)
+                await asyncio.sleep(3)  # let any backlog drain
         finally:
-            stop(scoring)
+            for process in scoring:
+                stop(process)
             stop(ingest)
     finally:
         postgres.stop()
@@ -349,6 +356,7 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     base = results["baseline_events_s"]
     together = results["together_events_s"]
     lat = results["latency"]
+    half = results["latency_half"]
     ok_rate = together >= THROUGHPUT_TARGET
     ok_lat = lat["p99_ms"] < P99_TARGET_MS
     lines = [
@@ -372,10 +380,12 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"| stitcher + scorer in one process | {together:,.0f} | {together / base:.1%} |",
         "",
         f"End-to-end at {lat['sent_per_s']:,.0f} events/s (target 2,000) of single-event "
-        f"`POST /v1/track`: ingest's 200 → score change committed and published: "
+        "`POST /v1/track` (ingest, stitcher and scorer each in its own process): ingest's "
+        "200 → score change committed and published: "
         f"p50 {lat['p50_ms']:,.0f} ms, p99 {lat['p99_ms']:,.0f} ms, max {lat['max_ms']:,.0f} ms "
         f"({lat['scored']:,} of {lat['accepted']:,} accepted events observed, "
-        f"{lat['errors']} errors).",
+        f"{lat['errors']} errors). At {half['sent_per_s']:,.0f} events/s: "
+        f"p50 {half['p50_ms']:,.0f} ms, p99 {half['p99_ms']:,.0f} ms.",
         "",
         "| target | result |",
         "|---|---|",

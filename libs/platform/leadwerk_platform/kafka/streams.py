@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
 from leadwerk_platform.kafka.consumer import ConsumerPolicy, DeadLetters, retry_transient
@@ -28,6 +29,25 @@ from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.settings import PlatformSettings
 
 logger = logging.getLogger(__name__)
+
+
+#: How long a fetch may wait at the broker for new data. faust hard-codes 1500 ms; a broker
+#: that does not answer early when data arrives (the embedded tansu) then adds up to that much
+#: latency per hop. Real Kafka answers as soon as data is there, so a short wait costs only a
+#: few idle fetch requests per second.
+FETCH_MAX_WAIT_MS = 100
+
+
+class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # private, but read only at start()
+        return consumer
+
+
+class _Consumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
 @dataclass(slots=True)
@@ -94,6 +114,8 @@ class StreamProcessor:
             stream_buffer_maxsize=self._policy.batch_size * 4,
             processing_guarantee="at_least_once",
         )
+        # This app's transport only (an instance attribute), not faust's class.
+        self.app.transport.Consumer = _Consumer  # type: ignore[misc]
         channel = self.app.topic(*dead_letter_topics, value_serializer="raw",
                                  key_serializer="raw")
         self.app.agent(channel, name=f"{group_id}.agent")(self._agent)
