@@ -281,6 +281,10 @@ class Scorer:
         self._timer = timer
 
     async def __call__(self, batch: Sequence[StreamMessage]) -> list[Rejected]:
+        with self._deps.metrics.batch_seconds.labels(CONSUMER).time():
+            return await self._handle(batch)
+
+    async def _handle(self, batch: Sequence[StreamMessage]) -> list[Rejected]:
         rejected: list[Rejected] = []
         async with self._deps.pool.acquire() as connection, connection.transaction():
             fresh = {r["event_id"] for r in await connection.fetch(

@@ -179,6 +179,10 @@ class Stitcher:
         self._session_timeout = timedelta(minutes=deps.settings.session_timeout_minutes)
 
     async def __call__(self, batch: Sequence[StreamMessage]) -> list[Rejected]:
+        with self._metrics.batch_seconds.labels(CONSUMER).time():
+            return await self._handle(batch)
+
+    async def _handle(self, batch: Sequence[StreamMessage]) -> list[Rejected]:
         rejected: list[Rejected] = []
         valid: list[StreamMessage] = []
         for message in batch:
