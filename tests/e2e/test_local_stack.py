@@ -33,7 +33,8 @@ def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, i
     env.update({"LEADWERK_STATE_DIR": str(tmp_path / "state"),
                 "LEADWERK_EMBEDDED_KAFKA_PORT": str(kafka_port),
                 "LEADWERK_INGEST_PORT": str(ingest_port),
-                "LEADWERK_SCORING_PORT": str(scoring_port)})
+                "LEADWERK_SCORING_PORT": str(scoring_port),
+                "LEADWERK_WORKFLOW_PORT": str(free_port())})
     log = tmp_path / "stack.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],
@@ -104,6 +105,7 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
     assert re.search(rf"scoring +listening on http://127\.0\.0\.1:{scoring_port}", text)
     assert re.search(r"^ingest +\| ", text, re.MULTILINE)  # service logs are prefixed
     assert re.search(r"^scoring +\| ", text, re.MULTILINE)
+    assert re.search(r"^workflow +\| ", text, re.MULTILINE)
 
     process.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(process.wait, 30) == 0

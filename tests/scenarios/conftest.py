@@ -27,6 +27,9 @@ from leadwerk_platform.testing.helpers import create_database, migrate, serve_ap
 from leadwerk_platform.testing.plugin import Infrastructure
 from leadwerk_scoring.api import Scoring, create_app
 from leadwerk_scoring.settings import ScoringSettings
+from leadwerk_workflow.api import Workflow
+from leadwerk_workflow.api import create_app as create_workflow
+from leadwerk_workflow.settings import WorkflowSettings
 
 WRITE_KEY = "dev-write-key"
 #: Ingest flags crawler user agents (httpx's own included) and the stitcher leaves bots out.
@@ -53,10 +56,13 @@ class Clock:
 class Stack:
     ingest: str
     scoring: str
+    workflow: str
     clock: Clock
     service: Scoring
+    flow: Workflow
     settings: ScoringSettings
     failures: list[BaseException] = field(default_factory=list)
+    user_ids: dict[str, str] = field(default_factory=dict)
 
     @property
     def admin(self) -> dict[str, str]:
@@ -90,9 +96,10 @@ class Stack:
 
 
 async def scoring_database(infrastructure: Infrastructure) -> str:
-    """A fresh database with the scoring schema migrated."""
+    """A fresh database with the scoring and workflow schemas migrated."""
     url = await create_database(infrastructure.database_url, "scn")
     await migrate(url, "scoring")
+    await migrate(url, "workflow")
     return url
 
 
@@ -118,7 +125,9 @@ async def stack(infrastructure: Infrastructure,
         clock = Clock()
         failures: list[BaseException] = []
         app = create_app(settings, clock=clock, on_fatal=failures.append)
+        journeys = create_workflow(WorkflowSettings(), clock=clock)
         async with serve_app(create_ingest(IngestSettings())) as ingest_url, \
-                serve_app(app) as scoring_url:
-            yield Stack(ingest_url, scoring_url, clock, app.state.scoring, settings, failures)
+                serve_app(app) as scoring_url, serve_app(journeys) as workflow_url:
+            yield Stack(ingest_url, scoring_url, workflow_url, clock, app.state.scoring,
+                        journeys.state.workflow, settings, failures)
     os.environ.pop("LEADWERK_SCORING_BATCH_WITHIN", None)

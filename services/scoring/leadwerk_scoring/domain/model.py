@@ -19,70 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from leadwerk_platform.conditions import Condition, all_hold, parse_period
+
 VISIT = "visit"  # the virtual activity type of a session's first event
 
-
-class Condition(BaseModel):
-    """One test on a value; a bare scalar in YAML means ``equals``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    equals: Any = None
-    in_: list[Any] | None = Field(None, alias="in")
-    prefix: str | None = None
-    contains: str | None = None
-    gte: float | None = None
-    gt: float | None = None
-    lte: float | None = None
-    lt: float | None = None
-    exists: bool | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _scalar(cls, value: Any) -> Any:
-        return value if isinstance(value, dict) else {"equals": value}
-
-    def test(self, value: Any) -> bool:  # noqa: PLR0911 - one early exit per operator
-        if self.exists is not None and (value is not None) != self.exists:
-            return False
-        if value is None:
-            return self.exists is True or self.exists is False
-        if self.equals is not None and value != self.equals:
-            return False
-        if self.in_ is not None and value not in self.in_:
-            return False
-        if self.prefix is not None and not str(value).startswith(self.prefix):
-            return False
-        if self.contains is not None and self.contains.lower() not in str(value).lower():
-            return False
-        bounds = (self.gte, self.gt, self.lte, self.lt)
-        if any(b is not None for b in bounds):
-            number = _number(value)
-            if number is None:
-                return False
-            gte, gt, lte, lt = bounds
-            return ((gte is None or number >= gte) and (gt is None or number > gt)
-                    and (lte is None or number <= lte) and (lt is None or number < lt))
-        return True
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    try:
-        return float(str(value).replace("_", ""))
-    except ValueError:
-        return None
-
-
-def _period(text: str) -> timedelta:
-    units = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    try:
-        return timedelta(seconds=int(text[:-1]) * units[text[-1]])
-    except (KeyError, ValueError, IndexError) as error:
-        raise ValueError(f"period {text!r}: use a number and m, h, d or w (e.g. 7d)") from error
 
 
 class Cap(BaseModel):
@@ -93,12 +33,12 @@ class Cap(BaseModel):
     @field_validator("per")
     @classmethod
     def _valid_period(cls, value: str) -> str:
-        _period(value)
+        parse_period(value)
         return value
 
     @property
     def period(self) -> timedelta:
-        return _period(self.per)
+        return parse_period(self.per)
 
 
 class EngagementRule(BaseModel):
@@ -117,7 +57,7 @@ class EngagementRule(BaseModel):
             return False
         if self.event is not None and not self.event.test(activity.get("event")):
             return False
-        return all(condition.test(activity.get(name)) for name, condition in self.where.items())
+        return all_hold(self.where, activity)
 
 
 class Band(BaseModel):
@@ -200,7 +140,7 @@ class ScoringModel(BaseModel):
 
     def grade(self, traits: Mapping[str, Any]) -> str:
         for rule in self.fit.rules:
-            if all(condition.test(traits.get(name)) for name, condition in rule.when.items()):
+            if all_hold(rule.when, traits):
                 return rule.grade
         return self.fit.default_grade
 

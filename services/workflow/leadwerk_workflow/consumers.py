@@ -1,0 +1,177 @@
+"""What the workflow consumes (``contact-events``, ``contact-changes``; group
+``workflow.engine``) and what each message does. Plain aiokafka through the shared
+:class:`~leadwerk_platform.kafka.consumer.ConsumerRuntime` (ADR 0010): per message, one
+transaction with the "processed" record, the enrollment changes and the outbox."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leadwerk_platform.envelope import InvalidMessageError
+from leadwerk_platform.kafka.consumer import ConsumedMessage
+from leadwerk_platform.kafka.producer import OutgoingMessage
+from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
+from leadwerk_workflow.engine import (
+    CONSUMER,
+    OUTBOX_STREAM,
+    Deps,
+    Engine,
+    Ref,
+    TimerWorker,
+    jsonb,
+    position_of,
+    resume_edge,
+)
+
+TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq"}
+_ENROLLMENT_COLUMNS = (
+    "enrollment_id::text AS enrollment_id, workspace, journey_id, version, "
+    "contact_id::text AS contact_id, step, due_at, waiting_for, visits, branches")
+
+
+class ContactEventHandler:
+    def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay,
+                 timers: TimerWorker | None) -> None:
+        self._deps = deps
+        self._engine = engine
+        self._relay = relay
+        self._timers = timers
+
+    async def __call__(self, message: ConsumedMessage) -> None:
+        envelope = message.envelope
+        data = envelope.data
+        contact_id = data.get("contact_id") or data.get("survivor_id")
+        if not isinstance(contact_id, str):
+            raise InvalidMessageError(f"{envelope.type} without a contact id")
+        self._deps.metrics.events.labels(envelope.type).inc()
+        outgoing: list[OutgoingMessage] = []
+        async with self._deps.pool.acquire() as connection, connection.transaction():
+            fresh = await connection.fetchval(
+                "INSERT INTO processed (consumer, event_id) VALUES ($1, $2) "
+                "ON CONFLICT DO NOTHING RETURNING true", CONSUMER, envelope.id)
+            if not fresh:
+                return  # redelivered: its effects (and outbox rows) are already there
+            workspace = envelope.workspace
+            match envelope.type:
+                case "contact.activity.v1":
+                    await self._activity(connection, workspace, contact_id, data, outgoing)
+                case "contact.profile_changed.v1":
+                    await self._project(connection, workspace, contact_id,
+                                        traits=data.get("traits") or {})
+                case "contact.score_changed.v1":
+                    previous = await self._project(connection, workspace, contact_id,
+                                                   score=data.get("score"),
+                                                   grade=data.get("grade"),
+                                                   rating=data.get("rating"))
+                    await self._triggers(connection, workspace, contact_id, outgoing,
+                                         score=(previous.get("score"), data.get("score")))
+                case "contact.stage_changed.v1":
+                    await self._project(connection, workspace, contact_id,
+                                        stage=data.get("to_stage"))
+                    await self._triggers(connection, workspace, contact_id, outgoing,
+                                         stage=data.get("to_stage"))
+                case "contact.merged.v1":
+                    await self._merge(connection, workspace, str(data["survivor_id"]),
+                                      str(data["merged_id"]))
+                case "contact.erased.v1":
+                    ids = [contact_id, *[str(i) for i in data.get("merged_ids") or []]]
+                    for table in ("enrollments", "journey_history", "contact_state"):
+                        await connection.execute(
+                            f"DELETE FROM {table} WHERE workspace = $1 "  # noqa: S608
+                            "AND contact_id = ANY($2::uuid[])", workspace, ids)
+                case _:
+                    return
+            await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
+        if outgoing:
+            await self._relay.flush()
+        if self._timers is not None:
+            self._timers.wake()
+
+    async def _activity(self, connection: Any, workspace: str, contact_id: str,
+                        data: dict[str, Any], outgoing: list[OutgoingMessage]) -> None:
+        kind, name = str(data.get("kind")), data.get("name")
+        properties = data.get("properties") or {}
+        rows = await connection.fetch(
+            f"SELECT {_ENROLLMENT_COLUMNS} FROM enrollments WHERE workspace = $1 "  # noqa: S608
+            "AND contact_id = $2 AND state = 'active' AND (waiting_for = $3 OR $3 = "
+            "'unsubscribed') FOR UPDATE", workspace, contact_id, kind)
+        for row in rows:
+            journey = await self._engine.journeys.version(connection, workspace,
+                                                          row["journey_id"], row["version"])
+            ref = Ref(row["enrollment_id"], workspace, journey, contact_id)
+            if kind == "unsubscribed" and journey.settings.exit_on_unsubscribe:
+                await self._engine.exit(connection, ref, row["step"], "unsubscribed")
+                continue
+            step = journey.step(row["step"]) if row["step"] else None
+            event = getattr(step, "event", None)
+            if row["waiting_for"] == kind and event is not None and \
+                    event.matches(kind, name, properties):
+                await self._engine.run(connection, ref, position_of(row),
+                                       via=resume_edge(journey, row["step"], timed_out=False),
+                                       outgoing=outgoing)
+        await self._triggers(connection, workspace, contact_id, outgoing,
+                             activity=(kind, name, properties))
+
+    async def _triggers(self, connection: Any, workspace: str, contact_id: str,
+                        outgoing: list[OutgoingMessage], *,
+                        activity: tuple[str, Any, dict[str, Any]] | None = None,
+                        stage: str | None = None,
+                        score: tuple[Any, Any] | None = None) -> None:
+        for journey in await self._engine.journeys.active(connection, workspace):
+            trigger = journey.trigger
+            reason = None
+            if activity is not None and trigger.event is not None and \
+                    trigger.event.matches(*activity):
+                reason = f"event {activity[0]} {activity[1] or ''}".strip()
+            elif activity is not None and trigger.form is not None and \
+                    activity[0] == "form_submitted" and \
+                    activity[2].get("form_id") == trigger.form:
+                reason = f"form {trigger.form}"
+            elif stage is not None and trigger.stage == stage:
+                reason = f"stage became {stage}"
+            elif score is not None and trigger.score_at_least is not None:
+                before, after = score
+                if isinstance(after, int | float) and after >= trigger.score_at_least and \
+                        (before is None or before < trigger.score_at_least):
+                    reason = f"score reached {after:g}"
+            if reason is not None:
+                await self._engine.enroll(connection, workspace, journey, contact_id,
+                                          reason=reason, outgoing=outgoing)
+
+    async def _project(self, connection: Any, workspace: str, contact_id: str,
+                       **values: Any) -> dict[str, Any]:
+        """Update the workflow's picture of the contact; return the previous one."""
+        previous = await connection.fetchrow(
+            "SELECT traits, score, grade, rating, stage FROM contact_state "
+            "WHERE workspace = $1 AND contact_id = $2 FOR UPDATE", workspace, contact_id)
+        current = dict(previous) if previous is not None else {
+            "traits": "{}", "score": None, "grade": None, "rating": None, "stage": None}
+        merged = {**current, **values}
+        if isinstance(merged["traits"], dict):
+            merged["traits"] = jsonb(merged["traits"])
+        await connection.execute(
+            "INSERT INTO contact_state (workspace, contact_id, traits, score, grade, rating, "
+            "stage, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now()) "
+            "ON CONFLICT (workspace, contact_id) DO UPDATE SET traits = EXCLUDED.traits, "
+            "score = EXCLUDED.score, grade = EXCLUDED.grade, rating = EXCLUDED.rating, "
+            "stage = EXCLUDED.stage, updated_at = now()",
+            workspace, contact_id, merged["traits"], merged["score"], merged["grade"],
+            merged["rating"], merged["stage"])
+        return current
+
+    async def _merge(self, connection: Any, workspace: str, survivor: str, merged: str) -> None:
+        """Enrollments follow the surviving contact; where both are in the same journey, the
+        survivor's enrollment stays and the other one exits."""
+        await connection.execute(
+            "UPDATE enrollments SET state = 'exited', due_at = NULL, ended_at = now(), "
+            "end_reason = 'merged into ' || $3 WHERE workspace = $1 AND contact_id = $2 "
+            "AND state = 'active' AND journey_id IN (SELECT journey_id FROM enrollments "
+            "WHERE workspace = $1 AND contact_id = $3 AND state = 'active')",
+            workspace, merged, survivor)
+        for table in ("enrollments", "journey_history"):
+            await connection.execute(
+                f"UPDATE {table} SET contact_id = $3 "  # noqa: S608 - fixed names
+                "WHERE workspace = $1 AND contact_id = $2", workspace, merged, survivor)
+        await connection.execute(
+            "DELETE FROM contact_state WHERE workspace = $1 AND contact_id = $2",
+            workspace, merged)

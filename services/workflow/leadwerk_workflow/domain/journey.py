@@ -1,0 +1,277 @@
+"""Journey documents: trigger, steps, settings; validation that names every mistake (pure).
+
+A journey is a small graph: ``start`` names the first step, every step names where to go next.
+Waiting steps (``wait``, ``wait_for``) are where an enrollment rests durably; every other step
+runs immediately. Validation refuses unknown step references, unreachable steps, cycles that
+pass no waiting step, split percentages that do not add up to 100 and templates that do not
+exist (when the template list is known).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from leadwerk_platform.conditions import Condition, all_hold, parse_period
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _duration(value: str) -> str:
+    parse_period(value)
+    return value
+
+
+class EventMatch(_Strict):
+    """Matches a contact activity: its kind (``page``, ``track``, ``email_opened`` …), the
+    track event's or page's name, and conditions on its flattened properties."""
+
+    kind: str
+    name: Condition | None = None
+    where: dict[str, Condition] = Field(default_factory=dict)
+
+    def matches(self, kind: str, name: Any, properties: Mapping[str, Any]) -> bool:
+        if kind != self.kind:
+            return False
+        if self.name is not None and not self.name.test(name):
+            return False
+        return all_hold(self.where, properties)
+
+
+class Trigger(_Strict):
+    """Exactly one of: an event, a form, a stage change, a score threshold, manual only."""
+
+    event: EventMatch | None = None
+    form: str | None = None  # form id (a form_submitted activity)
+    stage: str | None = None  # the stage the contact moved to
+    score_at_least: float | None = None  # crossing this score upwards
+    manual: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Trigger:
+        chosen = [name for name in ("event", "form", "stage", "score_at_least")
+                  if getattr(self, name) is not None] + (["manual"] if self.manual else [])
+        if len(chosen) != 1:
+            raise ValueError("a trigger names exactly one of event, form, stage, "
+                             f"score_at_least, manual (got {', '.join(chosen) or 'none'})")
+        return self
+
+
+class Sender(_Strict):
+    kind: Literal["fixed", "owner", "default"] = "default"
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _fixed_needs_address(self) -> Sender:
+        if self.kind == "fixed" and not self.address:
+            raise ValueError("a fixed sender needs an address")
+        return self
+
+
+class WaitStep(_Strict):
+    type: Literal["wait"]
+    duration: str
+    next: str
+    _check = field_validator("duration")(_duration)
+
+
+class WaitForStep(_Strict):
+    type: Literal["wait_for"]
+    event: EventMatch
+    timeout: str
+    on_event: str
+    on_timeout: str
+    _check = field_validator("timeout")(_duration)
+
+
+class ConditionStep(_Strict):
+    type: Literal["condition"]
+    when: dict[str, Condition]  # on the contact: traits by name, score, grade, rating, stage
+    then: str
+    otherwise: str = Field(alias="else")
+
+
+class Branch(_Strict):
+    name: str
+    percent: int = Field(ge=0, le=100)
+    next: str
+
+
+class SplitStep(_Strict):
+    type: Literal["split"]
+    branches: list[Branch] = Field(min_length=2)
+
+
+class SendEmailStep(_Strict):
+    type: Literal["send_email"]
+    template: str
+    sender: Sender = Field(default_factory=Sender)
+    transactional: bool = False
+    next: str
+
+
+class NotifyStep(_Strict):
+    type: Literal["notify"]
+    template: str
+    to: str = "owner"  # "owner" or an address
+    next: str
+
+
+class HandoffStep(_Strict):
+    type: Literal["handoff"]
+    reason: str = "hand-off to sales"
+    next: str
+
+
+class EndStep(_Strict):
+    type: Literal["end"]
+
+
+Step = Annotated[WaitStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
+                 | NotifyStep | HandoffStep | EndStep, Field(discriminator="type")]
+WAITING = (WaitStep, WaitForStep)
+
+
+class Settings(_Strict):
+    #: "never", "always" or a cool-down duration such as "30d".
+    reentry: str = "never"
+    exit_on_unsubscribe: bool = True
+    #: A step due longer ago than this (after an outage) follows ``stale_policy``.
+    stale_after: str = "1d"
+    stale_policy: Literal["run", "skip", "end"] = "skip"
+
+    @field_validator("reentry")
+    @classmethod
+    def _reentry(cls, value: str) -> str:
+        if value not in {"never", "always"}:
+            parse_period(value)
+        return value
+
+    _check = field_validator("stale_after")(_duration)
+
+    @property
+    def cooldown(self) -> timedelta | None:
+        return None if self.reentry in {"never", "always"} else parse_period(self.reentry)
+
+
+class Journey(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    name: str
+    version: int = 0
+    trigger: Trigger
+    start: str
+    steps: dict[str, Step]
+    settings: Settings = Field(default_factory=Settings)
+
+    def step(self, step_id: str) -> Any:
+        return self.steps[step_id]
+
+
+@dataclass(frozen=True)
+class Problem:
+    location: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"location": self.location, "message": self.message}
+
+
+def successors(step: Any) -> Iterator[tuple[str, str]]:
+    """(field, target step) for every edge leaving ``step``."""
+    for name in ("next", "then", "on_event", "on_timeout"):
+        target = getattr(step, name, None)
+        if target is not None:
+            yield name, target
+    if isinstance(step, ConditionStep):
+        yield "else", step.otherwise
+    if isinstance(step, SplitStep):
+        for index, branch in enumerate(step.branches):
+            yield f"branches.{index}.next", branch.next
+
+
+def parse(document: Mapping[str, Any],
+          templates: set[str] | None = None) -> tuple[Journey | None, list[Problem]]:
+    """Parse and validate; the journey only when there is no problem at all."""
+    try:
+        journey = Journey.model_validate(document)
+    except ValidationError as error:
+        return None, [Problem(".".join(str(p) for p in e["loc"]) or "(document)", e["msg"])
+                      for e in error.errors()]
+    problems = check(journey, templates)
+    return (None if problems else journey), problems
+
+
+def check(journey: Journey, templates: set[str] | None = None) -> list[Problem]:
+    problems: list[Problem] = []
+    if journey.start not in journey.steps:
+        problems.append(Problem("start", f"unknown step {journey.start!r}"))
+    for step_id, step in journey.steps.items():
+        for field, target in successors(step):
+            if target not in journey.steps:
+                problems.append(Problem(f"steps.{step_id}.{field}",
+                                        f"unknown step {target!r}"))
+        if isinstance(step, SplitStep) and sum(b.percent for b in step.branches) != 100:
+            problems.append(Problem(f"steps.{step_id}.branches",
+                                    "branch percentages must add up to 100"))
+        if templates is not None and isinstance(step, SendEmailStep | NotifyStep) \
+                and step.template not in templates:
+            problems.append(Problem(f"steps.{step_id}.template",
+                                    f"missing template {step.template!r}"))
+    if problems:
+        return problems
+    reachable = _reachable(journey)
+    problems += [Problem(f"steps.{s}", "unreachable from start")
+                 for s in journey.steps if s not in reachable]
+    cycle = _cycle_without_wait(journey)
+    if cycle:
+        problems.append(Problem(f"steps.{cycle[0]}",
+                                "cycle without a wait: " + " → ".join([*cycle, cycle[0]])))
+    return problems
+
+
+def _reachable(journey: Journey) -> set[str]:
+    seen: set[str] = set()
+    todo = [journey.start]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo += [t for _, t in successors(journey.steps[current])]
+    return seen
+
+
+def _cycle_without_wait(journey: Journey) -> list[str] | None:
+    """A loop through immediate steps only would run forever in one go."""
+    immediate = {s for s, step in journey.steps.items() if not isinstance(step, WAITING)}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for _, target in successors(journey.steps[node]):
+            if target not in immediate:
+                continue
+            if state.get(target) == 1:
+                return path[path.index(target):]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(immediate):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None

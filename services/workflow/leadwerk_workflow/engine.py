@@ -1,0 +1,366 @@
+"""The workflow engine's I/O: journeys, enrollments, timers and commands in Postgres.
+
+Everything a consumed message or a due timer causes happens in one transaction together with
+the "processed" record (or the timer's row lock) and the outbox rows of the commands; the
+outbox is flushed afterwards. A command's envelope id is derived from enrollment, step and
+visit: the idempotency key the mailer and the crm-bridge deduplicate on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from leadwerk_platform.conditions import parse_period
+from leadwerk_platform.envelope import Envelope, encode, format_timestamp
+from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
+from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
+from leadwerk_workflow.domain.engine import Command, ContactState, Outcome, Position, advance
+from leadwerk_workflow.domain.journey import Journey, SendEmailStep, WaitForStep, WaitStep, parse
+from leadwerk_workflow.metrics import WorkflowMetrics
+from leadwerk_workflow.settings import WorkflowSettings
+
+logger = logging.getLogger(__name__)
+
+CONSUMER = "engine"
+OUTBOX_STREAM = "workflow"
+_NAMESPACE = uuid.UUID("8e1f2a3b-4c5d-5e6f-9a0b-1c2d3e4f5a6b")
+Connection = Any
+
+
+def jsonb(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def loads(value: Any) -> Any:
+    return orjson.loads(value) if isinstance(value, str | bytes) else value
+
+
+@dataclass
+class Deps:
+    settings: WorkflowSettings
+    pool: Any
+    publisher: Publisher
+    metrics: WorkflowMetrics
+    clock: Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One enrollment: which contact, in which journey version."""
+
+    enrollment_id: str
+    workspace: str
+    journey: Journey
+    contact_id: str
+
+
+def shipped_journeys(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``config/journeys/*.yaml``: (file name, document) in name order."""
+    return [(path.name, yaml.safe_load(path.read_text()) or {})
+            for path in sorted(folder.glob("*.yaml"))]
+
+
+class JourneyStore:
+    """Versions of journeys; the version in force per journey; shipped journeys seeded."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str, int], Journey] = {}
+
+    async def version(self, connection: Connection, workspace: str, journey_id: str,
+                      version: int) -> Journey:
+        key = (workspace, journey_id, version)
+        if key not in self._cache:
+            document = await connection.fetchval(
+                "SELECT document FROM journeys WHERE workspace = $1 AND journey_id = $2 "
+                "AND version = $3", workspace, journey_id, version)
+            self._cache[key] = Journey.model_validate(loads(document))
+        return self._cache[key]
+
+    async def active(self, connection: Connection, workspace: str) -> list[Journey]:
+        rows = await connection.fetch(
+            "SELECT journey_id, active_version FROM journey_status WHERE workspace = $1 "
+            "AND status = 'active' AND active_version IS NOT NULL", workspace)
+        return [await self.version(connection, workspace, r["journey_id"], r["active_version"])
+                for r in rows]
+
+    async def save(self, connection: Connection, workspace: str, journey: Journey, *,
+                   actor: str, activate: bool | None = None) -> Journey:
+        """Store a new version. An active journey moves its new entrants to it; contacts
+        already inside finish on the version they entered."""
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                     f"journey:{workspace}:{journey.id}")
+            version = 1 + await connection.fetchval(
+                "SELECT coalesce(max(version), 0) FROM journeys WHERE workspace = $1 "
+                "AND journey_id = $2", workspace, journey.id)
+            stored = journey.model_copy(update={"version": version})
+            await connection.execute(
+                "INSERT INTO journeys (workspace, journey_id, version, document, actor) "
+                "VALUES ($1, $2, $3, $4, $5)", workspace, journey.id, version,
+                stored.model_dump_json(by_alias=True, exclude_none=True), actor)
+            status = await connection.fetchval(
+                "SELECT status FROM journey_status WHERE workspace = $1 AND journey_id = $2",
+                workspace, journey.id)
+            new_status = ("active" if activate else "draft") if activate is not None \
+                else (status or "draft")
+            await connection.execute(
+                "INSERT INTO journey_status (workspace, journey_id, status, active_version) "
+                "VALUES ($1, $2, $3, CASE WHEN $3 = 'active' THEN $4::int END) "
+                "ON CONFLICT (workspace, journey_id) DO UPDATE SET status = EXCLUDED.status, "
+                "active_version = CASE WHEN EXCLUDED.status = 'active' THEN $4::int "
+                "ELSE journey_status.active_version END, updated_at = now()",
+                workspace, journey.id, new_status, version)
+        return stored
+
+    async def set_status(self, connection: Connection, workspace: str, journey_id: str,
+                         status: str) -> bool:
+        result: str = await connection.execute(
+            "UPDATE journey_status SET status = $3, updated_at = now(), active_version = "
+            "CASE WHEN $3 = 'active' THEN (SELECT max(version) FROM journeys WHERE "
+            "workspace = $1 AND journey_id = $2) ELSE active_version END "
+            "WHERE workspace = $1 AND journey_id = $2", workspace, journey_id, status)
+        return result.endswith(" 1")
+
+    async def seed(self, connection: Connection, workspace: str,
+                   shipped: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        """Shipped journeys that the database does not know yet are stored as version 1,
+        active unless the file says ``status: draft``."""
+        seeded = []
+        for name, original in shipped:
+            document = dict(original)
+            status = document.pop("status", "active")
+            journey, problems = parse(document)
+            if journey is None:
+                raise ValueError(f"{name}: " + "; ".join(f"{p.location}: {p.message}"
+                                                         for p in problems))
+            exists = await connection.fetchval(
+                "SELECT 1 FROM journeys WHERE workspace = $1 AND journey_id = $2",
+                workspace, journey.id)
+            if not exists:
+                await self.save(connection, workspace, journey, actor=f"config:{name}",
+                                activate=status == "active")
+                seeded.append(journey.id)
+        return seeded
+
+
+class Engine:
+    """Enrolls contacts, moves enrollments along, and turns steps into commands."""
+
+    def __init__(self, deps: Deps, journeys: JourneyStore) -> None:
+        self._deps = deps
+        self.journeys = journeys
+
+    async def contact(self, connection: Connection, workspace: str,
+                      contact_id: str) -> ContactState:
+        row = await connection.fetchrow(
+            "SELECT traits, score, grade, rating, stage FROM contact_state "
+            "WHERE workspace = $1 AND contact_id = $2", workspace, contact_id)
+        if row is None:
+            return ContactState(contact_id)
+        return ContactState(contact_id, loads(row["traits"]), row["score"], row["grade"],
+                            row["rating"], row["stage"])
+
+    async def enroll(self, connection: Connection, workspace: str, journey: Journey,
+                     contact_id: str, *, reason: str,
+                     outgoing: list[OutgoingMessage]) -> str | None:
+        """Enter ``contact_id`` into ``journey`` unless its re-entry rule says no."""
+        now = self._deps.clock()
+        previous = await connection.fetchrow(
+            "SELECT bool_or(state = 'active') AS active, max(entered_at) AS last "
+            "FROM enrollments WHERE workspace = $1 AND journey_id = $2 AND contact_id = $3",
+            workspace, journey.id, contact_id)
+        if previous["active"]:
+            return None
+        if previous["last"] is not None:
+            cooldown = journey.settings.cooldown
+            if journey.settings.reentry == "never" or (
+                    cooldown is not None and previous["last"] > now - cooldown):
+                return None
+        enrollment_id = str(uuid.uuid4())
+        await connection.execute(
+            "INSERT INTO enrollments (enrollment_id, workspace, journey_id, version, contact_id, "
+            "state, entered_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'active', $6, $6)",
+            enrollment_id, workspace, journey.id, journey.version, contact_id, now)
+        ref = Ref(enrollment_id, workspace, journey, contact_id)
+        await self._history(connection, ref, [(None, "entered", reason)], now)
+        self._deps.metrics.enrolled.labels(journey.id).inc()
+        await self.run(connection, ref, Position(), via=None, outgoing=outgoing)
+        return enrollment_id
+
+    async def run(self, connection: Connection, ref: Ref, position: Position, *,
+                  via: str | None, outgoing: list[OutgoingMessage],
+                  suppress: bool = False) -> Outcome:
+        now = self._deps.clock()
+        contact = await self.contact(connection, ref.workspace, ref.contact_id)
+        outcome = advance(ref.journey, position, contact, now, enrollment_id=ref.enrollment_id,
+                          via=via, suppress=suppress)
+        moved = outcome.position
+        await connection.execute(
+            "UPDATE enrollments SET step = $2, due_at = $3, waiting_for = $4, state = $5, "
+            "visits = $6, branches = $7, updated_at = $8::timestamptz, ended_at = CASE "
+            "WHEN $5::text = 'active' THEN NULL ELSE $8::timestamptz END, end_reason = CASE "
+            "WHEN $5::text = 'completed' THEN 'completed' ELSE end_reason END "
+            "WHERE enrollment_id = $1",
+            ref.enrollment_id, moved.step, moved.due_at if moved.state == "active" else None,
+            moved.waiting_for, moved.state, jsonb(moved.visits), jsonb(moved.branches), now)
+        await self._history(connection, ref,
+                            [(e.step_id, e.action, e.reason) for e in outcome.history], now)
+        for entry in outcome.history:
+            self._deps.metrics.steps.labels(entry.action).inc()
+        for command in outcome.commands:
+            outgoing.append(self._command(command, ref, contact, now))
+            self._deps.metrics.commands.labels(command.kind).inc()
+        return outcome
+
+    async def exit(self, connection: Connection, ref: Ref, step: str | None,
+                   reason: str) -> None:
+        now = self._deps.clock()
+        await connection.execute(
+            "UPDATE enrollments SET state = 'exited', due_at = NULL, ended_at = $2, "
+            "end_reason = $3, updated_at = $2 WHERE enrollment_id = $1",
+            ref.enrollment_id, now, reason)
+        await self._history(connection, ref, [(step, "exited", reason)], now)
+
+    async def _history(self, connection: Connection, ref: Ref,
+                       entries: list[tuple[str | None, str, str]], at: datetime) -> None:
+        await connection.executemany(
+            "INSERT INTO journey_history (enrollment_id, workspace, contact_id, journey_id, "
+            "version, step_id, action, reason, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            [(ref.enrollment_id, ref.workspace, ref.contact_id, ref.journey.id,
+              ref.journey.version, step, action, reason, at) for step, action, reason in entries])
+
+    def _command(self, command: Command, ref: Ref, contact: ContactState,
+                 now: datetime) -> OutgoingMessage:
+        settings = self._deps.settings
+        enrollment_id, workspace, journey = ref.enrollment_id, ref.workspace, ref.journey
+        event_id = str(uuid.uuid5(_NAMESPACE, f"{enrollment_id}\x1f{command.step_id}\x1f"
+                                              f"{command.visit}"))
+        origin = {"journey_id": journey.id, "journey_version": journey.version,
+                  "enrollment_id": enrollment_id, "step_id": command.step_id}
+        step = command.step
+        if command.kind == "handoff":
+            event_type, topic = "crm.handoff_requested.v1", "crm-commands"
+            data: dict[str, Any] = {
+                "contact_id": contact.contact_id, "reason": step.reason,
+                "owner": contact.traits.get("owner"), "origin": origin,
+                "snapshot": {"traits": contact.traits, "score": contact.score,
+                             "grade": contact.grade, "rating": contact.rating,
+                             "stage": contact.stage}}
+        else:
+            event_type, topic = "email.send_requested.v1", "email-commands"
+            stale = parse_period(journey.settings.stale_after)
+            if command.kind == "notify":
+                to = contact.traits.get("owner") if step.to == "owner" else step.to
+                sender, kind = {"kind": "default"}, "internal"
+            else:
+                to = contact.traits.get("email")
+                sender = step.sender.model_dump(exclude_none=True)
+                kind = "transactional" if isinstance(step, SendEmailStep) and \
+                    step.transactional else "marketing"
+            data = {"contact_id": contact.contact_id, "template": step.template,
+                    "class": kind, "to": to, "sender": sender,
+                    "personalization": contact.traits, "origin": origin,
+                    "not_after": format_timestamp(now + stale)}
+        envelope = Envelope(id=event_id, type=event_type, workspace=workspace,
+                            occurred_at=now, received_at=now, producer="workflow", data=data,
+                            correlation_id=enrollment_id)
+        return OutgoingMessage(settings.topic(topic),
+                               f"{workspace}:{contact.contact_id}".encode(), encode(envelope))
+
+
+def resume_edge(journey: Journey, step_id: str, *, timed_out: bool) -> str:
+    step = journey.step(step_id)
+    if isinstance(step, WaitStep):
+        return "next"
+    if isinstance(step, WaitForStep):
+        return "on_timeout" if timed_out else "on_event"
+    msg = f"step {step_id} of {journey.id} does not rest"
+    raise ValueError(msg)
+
+
+def position_of(row: Any) -> Position:
+    return Position(step=row["step"], due_at=row["due_at"], waiting_for=row["waiting_for"],
+                    visits=loads(row["visits"]), branches=loads(row["branches"]))
+
+
+class TimerWorker:
+    """Fires due timers. Several processes can run it: ``FOR UPDATE SKIP LOCKED`` hands each
+    due enrollment to one of them, and the move happens in the transaction holding the lock,
+    so each timer fires once. Sleeps until the earliest due time (or until woken)."""
+
+    def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay,
+                 max_sleep: float = 60.0) -> None:
+        self._deps = deps
+        self._engine = engine
+        self._relay = relay
+        self._max_sleep = max_sleep
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                while await self.run_due() == self._deps.settings.timer_batch:
+                    pass
+                delay = await self._next_delay()
+            except Exception:
+                logger.exception("timer worker failed; retrying")
+                delay = 5.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _next_delay(self) -> float:
+        async with self._deps.pool.acquire() as connection:
+            due = await connection.fetchval(
+                "SELECT min(due_at) FROM enrollments WHERE state = 'active' "
+                "AND due_at IS NOT NULL")
+        if due is None:
+            return self._max_sleep
+        seconds: float = (due - self._deps.clock()) / timedelta(seconds=1)
+        return min(max(seconds, 0.01), self._max_sleep)
+
+    async def run_due(self) -> int:
+        """Handle up to one batch of due timers; return how many."""
+        now = self._deps.clock()
+        outgoing: list[OutgoingMessage] = []
+        async with self._deps.pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                "SELECT enrollment_id::text AS enrollment_id, workspace, journey_id, version, "
+                "contact_id::text AS contact_id, step, due_at, waiting_for, visits, branches "
+                "FROM enrollments WHERE state = 'active' AND due_at <= $1 ORDER BY due_at "
+                "LIMIT $2 FOR UPDATE SKIP LOCKED", now, self._deps.settings.timer_batch)
+            for row in rows:
+                journey = await self._engine.journeys.version(
+                    connection, row["workspace"], row["journey_id"], row["version"])
+                late = now - row["due_at"] > parse_period(journey.settings.stale_after)
+                policy = journey.settings.stale_policy if late else "run"
+                ref = Ref(row["enrollment_id"], row["workspace"], journey, row["contact_id"])
+                if policy == "end":
+                    await self._engine.exit(connection, ref, row["step"],
+                                            "stale after an outage")
+                    self._deps.metrics.timers.labels("ended_stale").inc()
+                    continue
+                await self._engine.run(
+                    connection, ref, position_of(row),
+                    via=resume_edge(journey, row["step"], timed_out=True), outgoing=outgoing,
+                    suppress=policy == "skip")
+                self._deps.metrics.timers.labels("skipped_stale" if policy == "skip"
+                                                  else "fired").inc()
+            await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
+        if outgoing:
+            await self._relay.flush()
+        return len(rows)

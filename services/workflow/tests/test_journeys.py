@@ -1,0 +1,123 @@
+"""Journey validation and the step runner (pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leadwerk_platform.settings import repository_root
+from leadwerk_workflow.domain.engine import ContactState, Position, advance, bucket
+from leadwerk_workflow.domain.journey import Journey, parse
+from leadwerk_workflow.engine import shipped_journeys
+
+NOW = datetime(2026, 11, 21, 10, tzinfo=UTC)
+
+
+def journey(steps: dict[str, Any], start: str = "a", **extra: Any) -> dict[str, Any]:
+    return {"id": "j", "name": "J", "trigger": {"manual": True}, "start": start,
+            "steps": steps, **extra}
+
+
+def locations(document: dict[str, Any], templates: set[str] | None = None) -> dict[str, str]:
+    result, problems = parse(document, templates)
+    assert result is None
+    return {p.location: p.message for p in problems}
+
+
+def test_every_mistake_is_named_with_its_location() -> None:
+    assert locations(journey({"a": {"type": "wait", "duration": "1d", "next": "nowhere"}})) == {
+        "steps.a.next": "unknown step 'nowhere'"}
+    assert "steps.orphan" in locations(journey({"a": {"type": "end"},
+                                                "orphan": {"type": "end"}}))
+    cycle = locations(journey({
+        "a": {"type": "send_email", "template": "t", "next": "b"},
+        "b": {"type": "condition", "when": {"stage": "mql"}, "then": "a", "else": "c"},
+        "c": {"type": "end"}}))
+    assert any("cycle without a wait" in m for m in cycle.values())
+    split = locations(journey({"a": {"type": "split", "branches": [
+        {"name": "x", "percent": 60, "next": "b"}, {"name": "y", "percent": 50, "next": "b"}]},
+        "b": {"type": "end"}}))
+    assert split == {"steps.a.branches": "branch percentages must add up to 100"}
+    assert locations(journey({"a": {"type": "send_email", "template": "gone", "next": "b"},
+                              "b": {"type": "end"}}), templates={"welcome"}) == {
+        "steps.a.template": "missing template 'gone'"}
+    unknown_type = locations(journey({"a": {"type": "teleport"}}))
+    assert any(key.startswith("steps.a") for key in unknown_type)
+    bad_duration = locations(journey({"a": {"type": "wait", "duration": "soon", "next": "a"}}))
+    assert any("duration" in m for m in bad_duration.values())
+    two_triggers = locations({**journey({"a": {"type": "end"}}),
+                              "trigger": {"form": "f", "stage": "mql"}})
+    assert any("exactly one" in m for m in two_triggers.values())
+
+
+def test_a_loop_through_a_wait_is_fine() -> None:
+    result, problems = parse(journey({
+        "a": {"type": "send_email", "template": "t", "next": "b"},
+        "b": {"type": "wait", "duration": "7d", "next": "a"}}))
+    assert problems == []
+    assert result is not None
+
+
+def test_the_shipped_journeys_are_valid() -> None:
+    shipped = shipped_journeys(Path(repository_root() / "config" / "journeys"))
+    assert {name for name, _ in shipped} >= {"welcome.yaml", "whitepaper.yaml",
+                                             "mql-handoff.yaml"}
+    for _, document in shipped:
+        document.pop("status", None)
+        assert parse(document)[1] == []
+
+
+def parsed(document: dict[str, Any]) -> Journey:
+    result, problems = parse(document)
+    assert result is not None, problems
+    return result
+
+
+def test_the_runner_rests_at_waits_and_emits_commands_on_the_way() -> None:
+    flow = parsed(journey({
+        "a": {"type": "send_email", "template": "hello", "next": "b"},
+        "b": {"type": "wait", "duration": "3d", "next": "c"},
+        "c": {"type": "condition", "when": {"stage": "mql"}, "then": "d", "else": "e"},
+        "d": {"type": "handoff", "next": "e"},
+        "e": {"type": "end"}}))
+    contact = ContactState("c-1", {"email": "a@x.de"}, stage="lead")
+    first = advance(flow, Position(), contact, NOW, enrollment_id="e-1")
+    assert [c.step_id for c in first.commands] == ["a"]
+    assert (first.position.step, first.position.due_at) == ("b", NOW + timedelta(days=3))
+    contact.stage = "mql"
+    second = advance(flow, first.position, contact, NOW, enrollment_id="e-1", via="next")
+    assert [c.kind for c in second.commands] == ["handoff"]
+    assert second.position.state == "completed"
+    assert [e.action for e in second.history] == ["condition", "handoff", "end"]
+    assert "stage='mql'" in second.history[0].reason
+
+
+def test_stale_steps_are_recorded_not_sent() -> None:
+    flow = parsed(journey({"a": {"type": "wait", "duration": "1d", "next": "b"},
+                           "b": {"type": "send_email", "template": "late", "next": "c"},
+                           "c": {"type": "end"}}))
+    resting = advance(flow, Position(), ContactState("c"), NOW, enrollment_id="e").position
+    late = advance(flow, resting, ContactState("c"), NOW, enrollment_id="e", via="next",
+                   suppress=True)
+    assert late.commands == []
+    assert late.history[0].action == "skipped"
+
+
+def test_splits_are_stable_per_contact_and_follow_the_percentages() -> None:
+    flow = parsed(journey({"a": {"type": "split", "branches": [
+        {"name": "A", "percent": 30, "next": "b"}, {"name": "B", "percent": 70, "next": "b"}]},
+        "b": {"type": "end"}}))
+    chosen = [advance(flow, Position(), ContactState("c"), NOW,
+                      enrollment_id=f"e-{n}").position.branches["a"] for n in range(2000)]
+    share = chosen.count("A") / len(chosen)
+    assert 0.26 < share < 0.34
+    assert bucket("e-7", "a") == bucket("e-7", "a")
+
+
+@pytest.mark.parametrize("reentry", ["never", "always", "30d"])
+def test_reentry_settings_parse(reentry: str) -> None:
+    flow = parsed(journey({"a": {"type": "end"}}, settings={"reentry": reentry}))
+    assert (flow.settings.cooldown is not None) == (reentry == "30d")

@@ -1,0 +1,145 @@
+"""The shipped journeys end to end: events through ingest, contacts from scoring, commands
+from workflow on email-commands and crm-commands; waits advanced with the injectable clock."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import httpx
+
+from leadwerk_platform.testing.helpers import read_topic, values
+
+from .conftest import Stack, browser
+
+
+async def commands(stack: Stack, topic: str, contact_id: str, count: int,
+                   timeout: float = 15.0) -> list[dict[str, Any]]:
+    """Every command for ``contact_id`` on ``topic``, once ``count`` of them are there."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        records = await read_topic(stack.settings.kafka_bootstrap_servers,
+                                   stack.settings.topic(topic), 1, timeout=2, idle=0.3)
+        mine = [m for m in values(records) if m["data"]["contact_id"] == contact_id]
+        if len(mine) >= count or asyncio.get_running_loop().time() > deadline:
+            return mine
+        await asyncio.sleep(0.2)
+
+
+async def journeys_of(stack: Stack, client: httpx.AsyncClient,
+                      contact_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"{stack.workflow}/api/contacts/{contact_id}/journeys",
+                                headers=stack.admin)
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) -> str:
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    address = f"lead.{uuid.uuid4().hex[:8]}@example.de"
+    await stack.track(client, "identify", {"userId": user_id,
+                                           "traits": {"email": address, **traits}})
+
+    async def found() -> str | None:
+        response = await stack.api(client, "GET", "/contacts", params={"user_id": user_id})
+        items = response.json()["items"]
+        return items[0]["id"] if items else None
+
+    contact_id: str = await stack.eventually(found)
+    stack.user_ids[contact_id] = user_id
+    return contact_id
+
+
+async def test_the_whitepaper_sequence_with_its_waits_and_the_non_opener_branch(
+        stack: Stack) -> None:
+    async with browser() as client:
+        contact_id = await known_contact(stack, client, first_name="Anna")
+        await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
+                                            "event": "Document Downloaded",
+                                            "properties": {"document": "whitepaper.pdf"}})
+        [info] = await commands(stack, "email-commands", contact_id, 1)
+        assert info["type"] == "email.send_requested.v1"
+        assert info["data"]["template"] == "whitepaper-info"
+        assert info["data"]["class"] == "marketing"
+        assert info["data"]["to"].startswith("lead.")
+        assert info["data"]["personalization"]["first_name"] == "Anna"
+        assert info["data"]["origin"]["journey_id"] == "whitepaper-sequence"
+        try:
+            for days, expected in ((3, "event-invitation"), (6, "event-invitation-reminder")):
+                stack.clock.offset = timedelta(days=days, minutes=1)
+                assert stack.flow.timers is not None
+                stack.flow.timers.wake()
+                sent = await commands(stack, "email-commands", contact_id,
+                                      2 if days == 3 else 3)
+                assert sent[-1]["data"]["template"] == expected
+        finally:
+            stack.clock.offset = timedelta(0)
+        [enrollment] = [e for e in await journeys_of(stack, client, contact_id)
+                        if e["journey_id"] == "whitepaper-sequence"]
+        assert enrollment["state"] == "completed"
+        actions = [(h["step"], h["action"]) for h in enrollment["history"]]
+        assert actions == [(None, "entered"), ("info-mail", "email"), ("wait-3d", "wait"),
+                           ("invitation", "email"), ("opened", "wait_for"),
+                           ("reminder", "email"), ("done", "end")]
+        # Each command once: ids are idempotency keys, none repeated.
+        sent = await commands(stack, "email-commands", contact_id, 3)
+        assert len({m["id"] for m in sent}) == len(sent) == 3
+
+
+async def test_an_mql_is_handed_to_sales_and_the_owner_is_notified(stack: Stack) -> None:
+    async with browser() as client:
+        contact_id = await known_contact(stack, client, company="Müller AG",
+                                         owner="vertrieb@example.de")
+        for _ in range(4):
+            await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
+                                                "event": "Video Playback Started"})
+        [handoff] = await commands(stack, "crm-commands", contact_id, 1, timeout=20)
+        assert handoff["type"] == "crm.handoff_requested.v1"
+        assert handoff["data"]["snapshot"]["stage"] == "mql"
+        assert handoff["data"]["owner"] == "vertrieb@example.de"
+        notes = [m for m in await commands(stack, "email-commands", contact_id, 1)
+                 if m["data"]["template"] == "mql-alert"]
+        assert [n["data"]["to"] for n in notes] == ["vertrieb@example.de"]
+        assert notes[0]["data"]["class"] == "internal"
+
+
+async def test_journeys_api_validates_versions_pauses_and_enrolls(stack: Stack) -> None:
+    headers = stack.admin
+    async with browser() as client:
+        base = f"{stack.workflow}/api/journeys"
+        assert (await client.get(base)).status_code == 401
+        listed = (await client.get(base, headers=headers)).json()["items"]
+        assert {j["journey_id"] for j in listed} >= {"welcome", "whitepaper-sequence",
+                                                     "mql-handoff"}
+        broken = {"name": "Broken", "trigger": {"manual": True}, "start": "a",
+                  "steps": {"a": {"type": "wait", "duration": "1d", "next": "zzz"}}}
+        answer = await client.put(f"{base}/broken", json=broken, headers=headers)
+        assert answer.status_code == 422
+        assert answer.json()["problems"] == [{"location": "steps.a.next",
+                                              "message": "unknown step 'zzz'"}]
+        manual = {"name": "Manual", "trigger": {"manual": True}, "start": "a", "steps": {
+            "a": {"type": "send_email", "template": "hello", "next": "b"},
+            "b": {"type": "end"}}}
+        created = await client.put(f"{base}/manual-test", json=manual, headers=headers)
+        assert created.status_code == 201
+        assert created.json()["version"] == 1
+        contact_id = await known_contact(stack, client)
+        enrolled = await client.post(f"{base}/manual-test/enroll", headers=headers,
+                                     json={"contact_id": contact_id})
+        assert enrolled.status_code == 201, enrolled.text
+        again = await client.post(f"{base}/manual-test/enroll", headers=headers,
+                                  json={"contact_id": contact_id})
+        assert again.status_code == 409  # re-entry: never
+        stats = (await client.get(f"{base}/manual-test/stats", headers=headers)).json()
+        assert (stats["entered"], stats["completed"]) == (1, 1)
+        edited = await client.put(f"{base}/manual-test", headers=headers,
+                                  content=b"name: Manual v2\ntrigger: {manual: true}\n"
+                                          b"start: a\nsteps: {a: {type: end}}\n")
+        assert edited.json()["version"] == 2
+        paused = await client.post(f"{base}/manual-test/pause", headers=headers)
+        assert paused.json()["status"] == "paused"
+        detail = (await client.get(f"{base}/manual-test", headers=headers)).json()
+        assert [v["version"] for v in detail["versions"]] == [2, 1]
