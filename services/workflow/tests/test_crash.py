@@ -48,12 +48,16 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
                                 stdout=out, stderr=subprocess.STDOUT)
 
 
-async def wait_for(pool: asyncpg.Pool, query: str, at_least: int, process: subprocess.Popen[bytes],
-                   log: Path, timeout: float = 90) -> None:
+async def wait_for(pool: asyncpg.Pool, query: str, *, at_least: int = 0, at_most: int | None = None,
+                   process: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    """Poll ``query`` until its value is in range; the process must stay alive meanwhile."""
     deadline = time.monotonic() + timeout
-    while (value := await pool.fetchval(query)) < at_least:
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, f"{query}: {value} < {at_least}"
+    while True:
+        value = await pool.fetchval(query)
+        if value >= at_least and (at_most is None or value <= at_most):
+            return
+        assert process.poll() is None, "the workflow process died (see workflow.log)"
+        assert time.monotonic() < deadline, f"{query}: {value}"
         await asyncio.sleep(0.02)
 
 
@@ -69,7 +73,7 @@ async def test_sigkill_during_a_timer_wave_loses_and_repeats_nothing(
     pool = await asyncpg.create_pool(database, server_settings={"search_path": "workflow"})
     process = start(env, log)
     try:
-        await wait_for(pool, "SELECT count(*) FROM journeys", 1, process, log)
+        await wait_for(pool, "SELECT count(*) FROM journeys", at_least=1, process=process)
         now = datetime.now(UTC)
         await pool.executemany(
             "INSERT INTO enrollments (enrollment_id, workspace, journey_id, version, "
@@ -82,18 +86,17 @@ async def test_sigkill_during_a_timer_wave_loses_and_repeats_nothing(
         process.wait()
         process = start(env, log)
         past_first = "SELECT count(*) FROM enrollments WHERE step <> 'a'"
-        await wait_for(pool, past_first, ENROLLMENTS // 3, process, log)
+        await wait_for(pool, past_first, at_least=ENROLLMENTS // 3, process=process)
         process.send_signal(signal.SIGKILL)
         process.wait()
         process = start(env, log)
         done = "SELECT count(*) FROM enrollments WHERE state = 'completed'"
-        await wait_for(pool, done, ENROLLMENTS // 3, process, log)
+        await wait_for(pool, done, at_least=ENROLLMENTS // 3, process=process)
         process.send_signal(signal.SIGKILL)
         process.wait()
         process = start(env, log)
-        await wait_for(pool, done, ENROLLMENTS, process, log)
-        while await pool.fetchval("SELECT count(*) FROM outbox"):
-            await asyncio.sleep(0.1)
+        await wait_for(pool, done, at_least=ENROLLMENTS, process=process)
+        await wait_for(pool, "SELECT count(*) FROM outbox", at_most=0, process=process)
 
         emails = await pool.fetchval(
             "SELECT count(*) FROM journey_history WHERE action = 'email'")
