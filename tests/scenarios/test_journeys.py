@@ -143,3 +143,25 @@ async def test_journeys_api_validates_versions_pauses_and_enrolls(stack: Stack) 
         assert paused.json()["status"] == "paused"
         detail = (await client.get(f"{base}/manual-test", headers=headers)).json()
         assert [v["version"] for v in detail["versions"]] == [2, 1]
+
+
+async def test_a_merge_moves_enrollments_to_the_survivor_without_duplicates(
+        stack: Stack) -> None:
+    async with browser() as client:
+        first = await known_contact(stack, client)
+        second = await known_contact(stack, client)
+        for contact_id in (first, second):
+            await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
+                                                "event": "Document Downloaded"})
+            await commands(stack, "email-commands", contact_id, 1)
+        merged = await stack.api(client, "POST", f"/contacts/{first}/merge/{second}")
+        assert merged.status_code == 200, merged.text
+
+        async def moved() -> list[dict[str, Any]] | None:
+            items = await journeys_of(stack, client, first)
+            return items if len(items) == 2 else None
+
+        items = await stack.eventually(moved)
+        states = sorted((e["state"], e["end_reason"] or "") for e in items)
+        assert states == [("active", ""), ("exited", f"merged into {first}")]
+        assert await journeys_of(stack, client, second) == []
