@@ -95,6 +95,15 @@ class Stack:
             await asyncio.sleep(0.1)
 
 
+async def submit_form(stack: Stack, client: httpx.AsyncClient, device: str, address: str,
+                      **fields: str) -> None:
+    response = await client.post(
+        f"{stack.ingest}/f/ebook-download", headers={"Cookie": f"lw_aid={device}"},
+        data={"email": address, "first_name": "Anna", "company": "Schmidt GmbH",
+              "consent_marketing": "on", **fields})
+    assert response.status_code == 303, response.text
+
+
 async def scoring_database(infrastructure: Infrastructure) -> str:
     """A fresh database with the scoring and workflow schemas migrated."""
     url = await create_database(infrastructure.database_url, "scn")

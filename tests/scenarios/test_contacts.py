@@ -16,7 +16,7 @@ from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
 from leadwerk_scoring.domain.identity import device_contact_id
 
-from .conftest import Stack, browser
+from .conftest import Stack, browser, submit_form
 
 
 def visitor() -> str:
@@ -32,15 +32,6 @@ async def find(stack: Stack, client: httpx.AsyncClient, **query: str) -> dict[st
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items[0] if items else None
-
-
-async def submit_form(stack: Stack, client: httpx.AsyncClient, device: str, address: str,
-                      **fields: str) -> None:
-    response = await client.post(
-        f"{stack.ingest}/f/ebook-download", headers={"Cookie": f"lw_aid={device}"},
-        data={"email": address, "first_name": "Anna", "company": "Schmidt GmbH",
-              "consent_marketing": "on", **fields})
-    assert response.status_code == 303, response.text
 
 
 async def timeline(stack: Stack, client: httpx.AsyncClient, contact_id: str) -> list[Any]:
@@ -180,7 +171,8 @@ async def become_mql(stack: Stack, client: httpx.AsyncClient) -> dict[str, Any]:
         await stack.track(client, "track", {"userId": user_id,
                                             "event": "Video Playback Started"})
     await stack.track(client, "page", {"userId": user_id, "name": "Preise"})
-    return await wait_contact(stack, client, lambda c: c["stage"] == "mql", user_id=user_id)
+    return await wait_contact(stack, client, lambda c: c["stage"] == "mql" and c["score"] >= 125,
+                              user_id=user_id)
 
 
 async def test_an_mql_is_downgraded_when_engagement_decays(stack: Stack) -> None:

@@ -12,7 +12,7 @@ import httpx
 
 from leadwerk_platform.testing.helpers import read_topic, values
 
-from .conftest import Stack, browser
+from .conftest import Stack, browser, submit_form
 
 
 async def commands(stack: Stack, topic: str, contact_id: str, count: int,
@@ -165,3 +165,28 @@ async def test_a_merge_moves_enrollments_to_the_survivor_without_duplicates(
         states = sorted((e["state"], e["end_reason"] or "") for e in items)
         assert states == [("active", ""), ("exited", f"merged into {first}")]
         assert await journeys_of(stack, client, second) == []
+
+
+async def test_reaching_the_goal_leaves_the_welcome_journey(stack: Stack) -> None:
+    device, address = str(uuid.uuid4()), f"goal.{uuid.uuid4().hex[:8]}@example.de"
+    async with browser() as client:
+        await submit_form(stack, client, device, address)
+
+        async def contact() -> str | None:
+            response = await stack.api(client, "GET", "/contacts", params={"email": address})
+            items = response.json()["items"]
+            return items[0]["id"] if items else None
+
+        contact_id: str = await stack.eventually(contact)
+
+        async def welcome(state: str) -> dict[str, Any] | None:
+            items = [e for e in await journeys_of(stack, client, contact_id)
+                     if e["journey_id"] == "welcome" and e["state"] == state]
+            return items[0] if items else None
+
+        await stack.eventually(lambda: welcome("active"))
+        for _ in range(4):  # 120 points with email and company: an MQL
+            await stack.track(client, "track", {"anonymousId": device,
+                                                "event": "Video Playback Started"})
+        left = await stack.eventually(lambda: welcome("exited"))
+        assert left["end_reason"] == "goal reached"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from leadwerk_platform.conditions import all_hold
 from leadwerk_platform.envelope import InvalidMessageError
 from leadwerk_platform.kafka.consumer import ConsumedMessage
 from leadwerk_platform.kafka.producer import OutgoingMessage
@@ -58,16 +59,19 @@ class ContactEventHandler:
                 case "contact.profile_changed.v1":
                     await self._project(connection, workspace, contact_id,
                                         traits=data.get("traits") or {})
+                    await self._goals(connection, workspace, contact_id)
                 case "contact.score_changed.v1":
                     previous = await self._project(connection, workspace, contact_id,
                                                    score=data.get("score"),
                                                    grade=data.get("grade"),
                                                    rating=data.get("rating"))
+                    await self._goals(connection, workspace, contact_id)
                     await self._triggers(connection, workspace, contact_id, outgoing,
                                          score=(previous.get("score"), data.get("score")))
                 case "contact.stage_changed.v1":
                     await self._project(connection, workspace, contact_id,
                                         stage=data.get("to_stage"))
+                    await self._goals(connection, workspace, contact_id)
                     await self._triggers(connection, workspace, contact_id, outgoing,
                                          stage=data.get("to_stage"))
                 case "contact.merged.v1":
@@ -111,6 +115,22 @@ class ContactEventHandler:
                                        outgoing=outgoing)
         await self._triggers(connection, workspace, contact_id, outgoing,
                              activity=(kind, name, properties))
+
+    async def _goals(self, connection: Any, workspace: str, contact_id: str) -> None:
+        """Leave every journey whose goal the contact now meets, wherever it is."""
+        rows = await connection.fetch(
+            f"SELECT {_ENROLLMENT_COLUMNS} FROM enrollments WHERE workspace = $1 "  # noqa: S608
+            "AND contact_id = $2 AND state = 'active' FOR UPDATE", workspace, contact_id)
+        if not rows:
+            return
+        contact = await self._engine.contact(connection, workspace, contact_id)
+        for row in rows:
+            journey = await self._engine.journeys.version(connection, workspace,
+                                                          row["journey_id"], row["version"])
+            if journey.goal and all_hold(journey.goal, contact.values()):
+                await self._engine.exit(
+                    connection, Ref(row["enrollment_id"], workspace, journey, contact_id),
+                    row["step"], "goal reached")
 
     async def _triggers(self, connection: Any, workspace: str, contact_id: str,
                         outgoing: list[OutgoingMessage], *,

@@ -168,6 +168,9 @@ class Journey(_Strict):
     start: str
     steps: dict[str, Step]
     settings: Settings = Field(default_factory=Settings)
+    #: Leave the journey, wherever the contact is, once this holds for the contact
+    #: (traits by name, score, grade, rating, stage).
+    goal: dict[str, Condition] | None = None
 
     def step(self, step_id: str) -> Any:
         return self.steps[step_id]
