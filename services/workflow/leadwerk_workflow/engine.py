@@ -25,7 +25,14 @@ from leadwerk_platform.conditions import parse_period
 from leadwerk_platform.envelope import Envelope, encode, format_timestamp
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
-from leadwerk_workflow.domain.engine import Command, ContactState, Outcome, Position, advance
+from leadwerk_workflow.domain.engine import (
+    Command,
+    ContactState,
+    EmailCap,
+    Outcome,
+    Position,
+    advance,
+)
 from leadwerk_workflow.domain.journey import Journey, SendEmailStep, WaitForStep, WaitStep, parse
 from leadwerk_workflow.metrics import WorkflowMetrics
 from leadwerk_workflow.settings import WorkflowSettings
@@ -204,7 +211,8 @@ class Engine:
         now = self._deps.clock()
         contact = await self.contact(connection, ref.workspace, ref.contact_id)
         outcome = advance(ref.journey, position, contact, now, enrollment_id=ref.enrollment_id,
-                          via=via, suppress=suppress)
+                          via=via, suppress=suppress,
+                          cap=await self._cap(connection, ref, now))
         moved = outcome.position
         await connection.execute(
             "UPDATE enrollments SET step = $2, due_at = $3, waiting_for = $4, state = $5, "
@@ -222,6 +230,16 @@ class Engine:
             outgoing.append(self._command(command, ref, contact, now))
             self._deps.metrics.commands.labels(command.kind).inc()
         return outcome
+
+    async def _cap(self, connection: Connection, ref: Ref, now: datetime) -> EmailCap | None:
+        settings = self._deps.settings
+        if not settings.email_cap:
+            return None
+        limit, window = settings.email_cap_rule()
+        sent = await connection.fetch(
+            "SELECT at FROM journey_history WHERE workspace = $1 AND contact_id = $2 "
+            "AND action = 'email' AND at > $3", ref.workspace, ref.contact_id, now - window)
+        return EmailCap(limit, window, [r["at"] for r in sent], settings.email_cap_policy)
 
     async def exit(self, connection: Connection, ref: Ref, step: str | None,
                    reason: str) -> None:
@@ -283,6 +301,8 @@ def resume_edge(journey: Journey, step_id: str, *, timed_out: bool) -> str:
     step = journey.step(step_id)
     if isinstance(step, WaitStep):
         return "next"
+    if isinstance(step, SendEmailStep):
+        return "self"  # a send the frequency cap delayed
     if isinstance(step, WaitForStep):
         return "on_timeout" if timed_out else "on_event"
     msg = f"step {step_id} of {journey.id} does not rest"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from leadwerk_platform.settings import repository_root
-from leadwerk_workflow.domain.engine import ContactState, Position, advance, bucket
+from leadwerk_workflow.domain.engine import ContactState, EmailCap, Position, advance, bucket
 from leadwerk_workflow.domain.journey import Journey, parse
 from leadwerk_workflow.engine import shipped_journeys
 
@@ -121,3 +121,23 @@ def test_splits_are_stable_per_contact_and_follow_the_percentages() -> None:
 def test_reentry_settings_parse(reentry: str) -> None:
     flow = parsed(journey({"a": {"type": "end"}}, settings={"reentry": reentry}))
     assert (flow.settings.cooldown is not None) == (reentry == "30d")
+
+
+def test_the_frequency_cap_delays_a_marketing_send_until_the_window_frees() -> None:
+    flow = parsed(journey({"a": {"type": "send_email", "template": "news", "next": "b"},
+                           "b": {"type": "send_email", "template": "receipt",
+                                 "transactional": True, "next": "c"},
+                           "c": {"type": "end"}}))
+    cap = EmailCap(2, timedelta(days=7), [NOW - timedelta(days=6), NOW - timedelta(days=1)])
+    held = advance(flow, Position(), ContactState("c"), NOW, enrollment_id="e", cap=cap)
+    assert held.commands == []
+    assert (held.position.step, held.position.due_at) == ("a", NOW + timedelta(days=1))
+    assert held.history[-1].action == "capped"
+    later = NOW + timedelta(days=1, seconds=1)
+    sent = advance(flow, held.position, ContactState("c"), later, enrollment_id="e",
+                   via="self", cap=cap)
+    assert [c.step_id for c in sent.commands] == ["a", "b"]  # transactional is never capped
+    assert [e.action for e in sent.history] == ["email", "transactional_email", "end"]
+    dropped = advance(flow, Position(), ContactState("c"), NOW, enrollment_id="e2",
+                      cap=EmailCap(1, timedelta(days=7), [NOW], policy="drop"))
+    assert [c.step_id for c in dropped.commands] == ["b"]

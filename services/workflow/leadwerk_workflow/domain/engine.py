@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from leadwerk_platform.conditions import all_hold, parse_period
@@ -53,6 +53,24 @@ class Command:
     step: Any
 
 
+@dataclass
+class EmailCap:
+    """At most ``limit`` marketing emails per contact within ``window``, across journeys;
+    ``sent`` holds the recent send times. A capped send waits (``delay``) or is dropped."""
+
+    limit: int
+    window: timedelta
+    sent: list[datetime] = field(default_factory=list)
+    policy: Literal["delay", "drop"] = "delay"
+
+    def free_at(self, now: datetime) -> datetime | None:
+        """``None`` when a send is allowed now, else when the window frees a slot."""
+        recent = sorted(t for t in self.sent if t > now - self.window)
+        if len(recent) < self.limit:
+            return None
+        return recent[len(recent) - self.limit] + self.window
+
+
 @dataclass(frozen=True)
 class Entry:
     step_id: str
@@ -84,17 +102,15 @@ def bucket(enrollment_id: str, step_id: str) -> int:
 
 
 def advance(journey: Journey, position: Position, contact: ContactState, now: datetime, *,
-            enrollment_id: str, via: str | None = None, suppress: bool = False) -> Outcome:
+            enrollment_id: str, via: str | None = None, suppress: bool = False,
+            cap: EmailCap | None = None) -> Outcome:
     """Run from the start (``via=None``) or out of the resting step along edge ``via``
-    (``next`` after a wait, ``on_event`` / ``on_timeout`` after a wait_for) until the next
-    resting step or the end. With ``suppress``, effects are recorded as skipped (stale)."""
+    (``next`` after a wait, ``on_event`` / ``on_timeout`` after a wait_for, ``self`` to retry
+    a send the frequency cap delayed) until the next resting step or the end. With
+    ``suppress``, effects are recorded as skipped (stale)."""
     outcome = Outcome(Position(visits=dict(position.visits), branches=dict(position.branches)))
     history = outcome.history
-    if via is None:
-        current = journey.start
-    else:
-        assert position.step is not None  # noqa: S101 - only resting enrollments resume
-        current = getattr(journey.step(position.step), via)
+    current = _entry_step(journey, position, via)
     for _ in range(_MAX_STEPS):
         step = journey.step(current)
         visit = outcome.position.visits.get(current, 0) + 1
@@ -125,15 +141,8 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 history.append(Entry(current, "split", f"branch {chosen.name} (bucket {value})"))
                 current = chosen.next
             case SendEmailStep() | NotifyStep() | HandoffStep():
-                kind: Literal["email", "notify", "handoff"] = (
-                    "email" if isinstance(step, SendEmailStep)
-                    else "notify" if isinstance(step, NotifyStep) else "handoff")
-                if suppress:
-                    history.append(Entry(current, "skipped", f"{kind}: stale after an outage"))
-                else:
-                    outcome.commands.append(Command(kind, current, visit, step))
-                    what = getattr(step, "template", None) or getattr(step, "reason", "")
-                    history.append(Entry(current, kind, str(what)))
+                if _effect(step, current, visit, outcome, now, suppress=suppress, cap=cap):
+                    return outcome  # delayed by the frequency cap: rests at this step
                 current = step.next
             case EndStep():
                 history.append(Entry(current, "end", "journey complete"))
@@ -141,6 +150,44 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 return outcome
     msg = f"journey {journey.id} ran {_MAX_STEPS} steps without resting"
     raise RuntimeError(msg)
+
+
+def _entry_step(journey: Journey, position: Position, via: str | None) -> str:
+    if via is None:
+        return journey.start
+    assert position.step is not None  # noqa: S101 - only resting enrollments resume
+    if via == "self":
+        return position.step
+    target: str = getattr(journey.step(position.step), via)
+    return target
+
+
+def _effect(step: SendEmailStep | NotifyStep | HandoffStep, current: str, visit: int,
+            outcome: Outcome, now: datetime, *, suppress: bool, cap: EmailCap | None) -> bool:
+    """Emit (or skip, or cap) one command; ``True`` when the cap makes the enrollment rest."""
+    kind: Literal["email", "notify", "handoff"] = (
+        "email" if isinstance(step, SendEmailStep)
+        else "notify" if isinstance(step, NotifyStep) else "handoff")
+    marketing = isinstance(step, SendEmailStep) and not step.transactional
+    free_at = cap.free_at(now) if cap is not None and marketing and not suppress else None
+    if free_at is not None and cap is not None:
+        if cap.policy == "delay":
+            outcome.history.append(Entry(current, "capped",
+                                         f"frequency cap: delayed until {free_at.isoformat()}"))
+            outcome.position.step, outcome.position.due_at = current, free_at
+            return True
+        outcome.history.append(Entry(current, "capped", "frequency cap: dropped"))
+        return False
+    if suppress:
+        outcome.history.append(Entry(current, "skipped", f"{kind}: stale after an outage"))
+        return False
+    outcome.commands.append(Command(kind, current, visit, step))
+    what = getattr(step, "template", None) or getattr(step, "reason", "")
+    action = "transactional_email" if kind == "email" and not marketing else kind
+    outcome.history.append(Entry(current, action, str(what)))
+    if marketing and cap is not None:
+        cap.sent.append(now)
+    return False
 
 
 def _branch(step: SplitStep, value: int) -> Branch:
