@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from leadwerk_platform.testing.helpers import read_topic, values
+from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 
 from .conftest import Stack, browser, submit_form
 
@@ -83,7 +84,7 @@ async def test_the_whitepaper_sequence_with_its_waits_and_the_non_opener_branch(
         actions = [(h["step"], h["action"]) for h in enrollment["history"]]
         assert actions == [(None, "entered"), ("info-mail", "email"), ("wait-3d", "wait"),
                            ("invitation", "email"), ("opened", "wait_for"),
-                           ("reminder", "email"), ("done", "end")]
+                           ("opened", "timeout"), ("reminder", "email"), ("done", "end")]
         # Each command once: ids are idempotency keys, none repeated.
         sent = await commands(stack, "email-commands", contact_id, 3)
         assert len({m["id"] for m in sent}) == len(sent) == 3
@@ -190,3 +191,37 @@ async def test_reaching_the_goal_leaves_the_welcome_journey(stack: Stack) -> Non
                                                 "event": "Video Playback Started"})
         left = await stack.eventually(lambda: welcome("exited"))
         assert left["end_reason"] == "goal reached"
+
+
+async def test_an_opened_invitation_ends_the_sequence_without_a_reminder(stack: Stack) -> None:
+    """The closed loop: the open pixel of the invitation (a signed token, as the mailer will
+    put in every marketing email) reaches the waiting journey through ingest and scoring."""
+    signer = TokenSigner(stack.settings.secret_key.get_secret_value())
+    async with browser() as client:
+        contact_id = await known_contact(stack, client)
+        await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
+                                            "event": "Document Downloaded"})
+        await commands(stack, "email-commands", contact_id, 1)
+        try:
+            stack.clock.offset = timedelta(days=3, minutes=1)
+            assert stack.flow.timers is not None
+            stack.flow.timers.wake()
+            invitation = (await commands(stack, "email-commands", contact_id, 2))[-1]
+            assert invitation["data"]["template"] == "event-invitation"
+            token = signer.sign(EmailToken(TokenKind.OPEN, "dev", contact_id,
+                                           message_id=invitation["id"]))
+            pixel = await client.get(f"{stack.ingest}/t/o/{token}")
+            assert pixel.status_code == 200
+
+            async def finished() -> dict[str, Any] | None:
+                items = [e for e in await journeys_of(stack, client, contact_id)
+                         if e["journey_id"] == "whitepaper-sequence"
+                         and e["state"] == "completed"]
+                return items[0] if items else None
+
+            enrollment = await stack.eventually(finished)
+        finally:
+            stack.clock.offset = timedelta(0)
+        steps = [(h["step"], h["action"]) for h in enrollment["history"]]
+        assert steps[-3:] == [("opened", "wait_for"), ("opened", "event"), ("done", "end")]
+        assert "reminder" not in {step for step, _ in steps}

@@ -222,8 +222,11 @@ class Engine:
             "WHERE enrollment_id = $1",
             ref.enrollment_id, moved.step, moved.due_at if moved.state == "active" else None,
             moved.waiting_for, moved.state, jsonb(moved.visits), jsonb(moved.branches), now)
-        await self._history(connection, ref,
-                            [(e.step_id, e.action, e.reason) for e in outcome.history], now)
+        resumed = {"on_event": [(position.step, "event", f"{position.waiting_for} arrived")],
+                   "on_timeout": [(position.step, "timeout", "no matching event in time")]}
+        await self._history(connection, ref, [
+            *resumed.get(via or "", []),
+            *((e.step_id, e.action, e.reason) for e in outcome.history)], now)
         for entry in outcome.history:
             self._deps.metrics.steps.labels(entry.action).inc()
         for command in outcome.commands:
