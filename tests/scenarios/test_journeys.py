@@ -225,3 +225,35 @@ async def test_an_opened_invitation_ends_the_sequence_without_a_reminder(stack: 
         steps = [(h["step"], h["action"]) for h in enrollment["history"]]
         assert steps[-3:] == [("opened", "wait_for"), ("opened", "event"), ("done", "end")]
         assert "reminder" not in {step for step, _ in steps}
+
+
+async def test_journey_steps_change_the_contact_in_scoring(stack: Stack) -> None:
+    headers = stack.admin
+    journey = {"name": "Demo booked", "trigger": {"manual": True}, "start": "tag", "steps": {
+        "tag": {"type": "tag", "add": ["demo-booked"], "next": "trait"},
+        "trait": {"type": "set_trait", "traits": {"interest": "demo"}, "next": "points"},
+        "points": {"type": "adjust_score", "points": 40, "reason": "booked a demo",
+                   "next": "stage"},
+        "stage": {"type": "change_stage", "stage": "sal", "reason": "demo booked",
+                  "next": "end"},
+        "end": {"type": "end"}}}
+    async with browser() as client:
+        base = f"{stack.workflow}/api/journeys/demo-booked"
+        assert (await client.put(base, json=journey, headers=headers)).status_code == 201
+        contact_id = await known_contact(stack, client)
+        enrolled = await client.post(f"{base}/enroll", headers=headers,
+                                     json={"contact_id": contact_id})
+        assert enrolled.status_code == 201, enrolled.text
+
+        async def changed() -> dict[str, Any] | None:
+            body: dict[str, Any] = (await stack.api(client, "GET",
+                                                    f"/contacts/{contact_id}")).json()
+            return body if body["stage"] == "sal" and body["score"] >= 40 else None
+
+        contact = await stack.eventually(changed)
+        assert contact["traits"]["tags"] == ["demo-booked"]
+        assert contact["traits"]["interest"] == "demo"
+        explained = (await stack.api(client, "GET",
+                                     f"/contacts/{contact_id}/score-history")).json()
+        assert explained["by_rule"]["journey:demo-booked"] == 40
+        assert explained["stages"][-1]["cause"] == "journey"

@@ -18,8 +18,13 @@ from leadwerk_platform.envelope import Envelope
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.kafka.streams import Rejected, StreamMessage
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
-from leadwerk_scoring.adapters.identities import current_id, load_json, trait_values
-from leadwerk_scoring.adapters.messages import CONTACT_CHANGES, contact_message, derived_id
+from leadwerk_scoring.adapters.identities import current_id, jsonb, load_json, trait_values
+from leadwerk_scoring.adapters.messages import (
+    CONTACT_CHANGES,
+    CONTACT_EVENTS,
+    contact_message,
+    derived_id,
+)
 from leadwerk_scoring.domain import lifecycle
 from leadwerk_scoring.domain.lifecycle import Transition, TransitionError
 from leadwerk_scoring.domain.model import (
@@ -31,6 +36,7 @@ from leadwerk_scoring.domain.model import (
     falls_below_at,
     rating,
 )
+from leadwerk_scoring.domain.profile import merge_traits
 from leadwerk_scoring.runtime import Deps
 
 logger = logging.getLogger(__name__)
@@ -123,6 +129,15 @@ class ScoreWriter:
                                   activity.get("type") or "", rule.id, rule.points,
                                   envelope.occurred_at, model.version))
             self._deps.metrics.points.labels(rule.id).inc()
+
+    def adjust(self, row: ScoreRow, model: ScoringModel, envelope: Envelope, points: float,
+               rule: str) -> None:
+        """Points given by a command (a journey step), explained like a rule match."""
+        row.engagement, row.engagement_at = add_points(
+            row.engagement, row.engagement_at, points, envelope.occurred_at, model.half_life)
+        row.causes.append({"rule": rule, "points": points, "event_id": envelope.id})
+        self._history.append((row.workspace, row.contact_id, envelope.id, "command", rule,
+                              points, envelope.occurred_at, model.version))
 
     async def transition(self, row: ScoreRow, change: Transition | None, model: ScoringModel,
                          at: datetime, cause_event_id: str | None) -> None:
@@ -375,6 +390,11 @@ class Scorer:
             case "contact.merged.v1":
                 await self._merge(connection, writer, rows=rows, row=row, model=model,
                                   envelope=envelope)
+            case "contact.change_requested.v1":
+                row.known = True
+                problem = await self._change(connection, writer, row, model, envelope, traits)
+                if problem:
+                    return problem
             case "crm.lead_feedback.v1":
                 row.known = True
                 try:
@@ -388,6 +408,66 @@ class Scorer:
         writer.announce(row, model, now if at > now else at, previous_score=previous_score,
                         previous_rating=previous_rating, cause_id=envelope.id)
         return None
+
+    async def _change(self, connection: Any, writer: ScoreWriter, row: ScoreRow,  # noqa: PLR0917
+                      model: ScoringModel, envelope: Envelope,
+                      traits: dict[tuple[str, str], dict[str, Any]]) -> str | None:
+        """A change another service asked for: traits and tags, points, stage."""
+        data, at = envelope.data, envelope.occurred_at
+        origin = data.get("origin") or {}
+        rule = f"journey:{origin.get('journey_id', 'unknown')}"
+        stage = data.get("stage")
+        change = None
+        if stage:
+            try:
+                current = "lead" if row.stage == "visitor" else row.stage
+                manual = lifecycle.manual(current, str(stage.get("to")), stage.get("reason"))
+            except TransitionError as error:
+                return str(error)
+            if manual is not None:
+                change = Transition(row.stage, manual.to_stage, "journey", manual.reason)
+        if data.get("traits") or data.get("tags_add") or data.get("tags_remove"):
+            updated = await self._set_traits(connection, writer, row, envelope)
+            if updated is not None:
+                traits[(row.workspace, row.contact_id)] = updated
+        points = data.get("points")
+        if points and isinstance(points.get("value"), int | float):
+            writer.adjust(row, model, envelope, float(points["value"]), rule)
+        if change is not None:
+            await writer.transition(row, change, model, at, envelope.id)
+        await self._qualify(connection, writer, row, model, at=at, event_id=envelope.id,
+                            traits=traits)
+        return None
+
+    async def _set_traits(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
+                          envelope: Envelope) -> dict[str, Any] | None:
+        data = envelope.data
+        stored = await connection.fetchval(
+            "SELECT traits FROM contacts WHERE workspace = $1 AND contact_id = $2 FOR UPDATE",
+            row.workspace, row.contact_id)
+        if stored is None:
+            return None
+        current = load_json(stored)
+        tags = list((current.get("tags") or {}).get("value") or [])
+        tags = [t for t in tags if t not in set(data.get("tags_remove") or [])]
+        tags += [t for t in data.get("tags_add") or [] if t not in tags]
+        updates = {**(data.get("traits") or {})}
+        if data.get("tags_add") or data.get("tags_remove"):
+            updates["tags"] = tags
+        merged, changed = merge_traits(current, updates, envelope.occurred_at)
+        await connection.execute(
+            "UPDATE contacts SET traits = $3, updated_at = now() WHERE workspace = $1 "
+            "AND contact_id = $2", row.workspace, row.contact_id, jsonb(merged))
+        values = trait_values(merged)
+        if changed:
+            writer.outgoing.append(contact_message(
+                self._deps.settings, CONTACT_EVENTS, "contact.profile_changed.v1",
+                event_id=derived_id("profile", envelope.id), workspace=row.workspace,
+                contact_id=row.contact_id, occurred_at=envelope.occurred_at,
+                correlation_id=envelope.correlation_id,
+                data={"contact_id": row.contact_id, "changed": {n: values[n] for n in changed},
+                      "traits": values}))
+        return values
 
     async def _qualify(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
                        model: ScoringModel, *, at: datetime, event_id: str,

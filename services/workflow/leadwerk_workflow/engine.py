@@ -33,7 +33,17 @@ from leadwerk_workflow.domain.engine import (
     Position,
     advance,
 )
-from leadwerk_workflow.domain.journey import Journey, SendEmailStep, WaitForStep, WaitStep, parse
+from leadwerk_workflow.domain.journey import (
+    AdjustScoreStep,
+    ChangeStageStep,
+    Journey,
+    SendEmailStep,
+    SetTraitStep,
+    TagStep,
+    WaitForStep,
+    WaitStep,
+    parse,
+)
 from leadwerk_workflow.metrics import WorkflowMetrics
 from leadwerk_workflow.settings import WorkflowSettings
 
@@ -270,9 +280,21 @@ class Engine:
         origin = {"journey_id": journey.id, "journey_version": journey.version,
                   "enrollment_id": enrollment_id, "step_id": command.step_id}
         step = command.step
-        if command.kind == "handoff":
+        if command.kind == "contact":
+            event_type, topic = "contact.change_requested.v1", "contact-commands"
+            data: dict[str, Any] = {"contact_id": contact.contact_id, "origin": origin}
+            match step:
+                case ChangeStageStep():
+                    data["stage"] = {"to": step.stage, "reason": step.reason}
+                case AdjustScoreStep():
+                    data["points"] = {"value": step.points, "reason": step.reason}
+                case SetTraitStep():
+                    data["traits"] = step.traits
+                case TagStep():
+                    data["tags_add"], data["tags_remove"] = step.add, step.remove
+        elif command.kind == "handoff":
             event_type, topic = "crm.handoff_requested.v1", "crm-commands"
-            data: dict[str, Any] = {
+            data = {
                 "contact_id": contact.contact_id, "reason": step.reason,
                 "owner": contact.traits.get("owner"), "origin": origin,
                 "snapshot": {"traits": contact.traits, "score": contact.score,

@@ -141,3 +141,15 @@ def test_the_frequency_cap_delays_a_marketing_send_until_the_window_frees() -> N
     dropped = advance(flow, Position(), ContactState("c"), NOW, enrollment_id="e2",
                       cap=EmailCap(1, timedelta(days=7), [NOW], policy="drop"))
     assert [c.step_id for c in dropped.commands] == ["b"]
+
+
+def test_contact_change_steps_become_contact_commands() -> None:
+    flow = parsed(journey({"a": {"type": "tag", "add": ["vip"], "next": "b"},
+                           "b": {"type": "change_stage", "stage": "sal", "next": "c"},
+                           "c": {"type": "end"}}))
+    outcome = advance(flow, Position(), ContactState("c"), NOW, enrollment_id="e")
+    assert [(c.kind, c.step_id) for c in outcome.commands] == [("contact", "a"),
+                                                               ("contact", "b")]
+    problems = locations(journey({"a": {"type": "change_stage", "stage": "recycled",
+                                        "next": "b"}, "b": {"type": "end"}}))
+    assert any("needs a reason" in m for m in problems.values())

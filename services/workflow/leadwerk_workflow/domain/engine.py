@@ -14,14 +14,19 @@ from typing import Any, Literal
 
 from leadwerk_platform.conditions import all_hold, parse_period
 from leadwerk_workflow.domain.journey import (
+    CONTACT_CHANGES,
+    AdjustScoreStep,
     Branch,
+    ChangeStageStep,
     ConditionStep,
     EndStep,
     HandoffStep,
     Journey,
     NotifyStep,
     SendEmailStep,
+    SetTraitStep,
     SplitStep,
+    TagStep,
     WaitForStep,
     WaitStep,
 )
@@ -47,7 +52,7 @@ class ContactState:
 
 @dataclass(frozen=True)
 class Command:
-    kind: Literal["email", "notify", "handoff"]
+    kind: Literal["email", "notify", "handoff", "contact"]
     step_id: str
     visit: int
     step: Any
@@ -140,7 +145,8 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 outcome.position.branches[current] = chosen.name
                 history.append(Entry(current, "split", f"branch {chosen.name} (bucket {value})"))
                 current = chosen.next
-            case SendEmailStep() | NotifyStep() | HandoffStep():
+            case (SendEmailStep() | NotifyStep() | HandoffStep() | ChangeStageStep()
+                  | AdjustScoreStep() | SetTraitStep() | TagStep()):
                 if _effect(step, current, visit, outcome, now, suppress=suppress, cap=cap):
                     return outcome  # delayed by the frequency cap: rests at this step
                 current = step.next
@@ -162,12 +168,13 @@ def _entry_step(journey: Journey, position: Position, via: str | None) -> str:
     return target
 
 
-def _effect(step: SendEmailStep | NotifyStep | HandoffStep, current: str, visit: int,
-            outcome: Outcome, now: datetime, *, suppress: bool, cap: EmailCap | None) -> bool:
+def _effect(step: Any, current: str, visit: int, outcome: Outcome, now: datetime, *,
+            suppress: bool, cap: EmailCap | None) -> bool:
     """Emit (or skip, or cap) one command; ``True`` when the cap makes the enrollment rest."""
-    kind: Literal["email", "notify", "handoff"] = (
+    kind: Literal["email", "notify", "handoff", "contact"] = (
         "email" if isinstance(step, SendEmailStep)
-        else "notify" if isinstance(step, NotifyStep) else "handoff")
+        else "notify" if isinstance(step, NotifyStep)
+        else "contact" if isinstance(step, CONTACT_CHANGES) else "handoff")
     marketing = isinstance(step, SendEmailStep) and not step.transactional
     free_at = cap.free_at(now) if cap is not None and marketing and not suppress else None
     if free_at is not None and cap is not None:
@@ -182,8 +189,9 @@ def _effect(step: SendEmailStep | NotifyStep | HandoffStep, current: str, visit:
         outcome.history.append(Entry(current, "skipped", f"{kind}: stale after an outage"))
         return False
     outcome.commands.append(Command(kind, current, visit, step))
-    what = getattr(step, "template", None) or getattr(step, "reason", "")
-    action = "transactional_email" if kind == "email" and not marketing else kind
+    what = getattr(step, "template", None) or getattr(step, "reason", None) or step.type
+    action = ("transactional_email" if kind == "email" and not marketing
+              else step.type if kind == "contact" else kind)
     outcome.history.append(Entry(current, action, str(what)))
     if marketing and cap is not None:
         cap.sent.append(now)

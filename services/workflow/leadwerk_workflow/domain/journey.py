@@ -129,12 +129,48 @@ class HandoffStep(_Strict):
     next: str
 
 
+class ChangeStageStep(_Strict):
+    type: Literal["change_stage"]
+    stage: Literal["lead", "mql", "sal", "sql", "customer", "recycled", "disqualified"]
+    reason: str | None = None
+    next: str
+
+    @model_validator(mode="after")
+    def _reason(self) -> ChangeStageStep:
+        if self.stage in {"recycled", "disqualified"} and not self.reason:
+            raise ValueError(f"moving a contact to {self.stage} needs a reason")
+        return self
+
+
+class AdjustScoreStep(_Strict):
+    type: Literal["adjust_score"]
+    points: float
+    reason: str
+    next: str
+
+
+class SetTraitStep(_Strict):
+    type: Literal["set_trait"]
+    traits: dict[str, Any] = Field(min_length=1)
+    next: str
+
+
+class TagStep(_Strict):
+    type: Literal["tag"]
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+    next: str
+
+
 class EndStep(_Strict):
     type: Literal["end"]
 
 
 Step = Annotated[WaitStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
-                 | NotifyStep | HandoffStep | EndStep, Field(discriminator="type")]
+                 | NotifyStep | HandoffStep | ChangeStageStep | AdjustScoreStep | SetTraitStep
+                 | TagStep | EndStep, Field(discriminator="type")]
+#: Steps that ask scoring to change the contact (through ``contact-commands``).
+CONTACT_CHANGES = (ChangeStageStep, AdjustScoreStep, SetTraitStep, TagStep)
 WAITING = (WaitStep, WaitForStep)
 
 
