@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
 from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 
@@ -257,3 +258,18 @@ async def test_journey_steps_change_the_contact_in_scoring(stack: Stack) -> None
                                      f"/contacts/{contact_id}/score-history")).json()
         assert explained["by_rule"]["journey:demo-booked"] == 40
         assert explained["stages"][-1]["cause"] == "journey"
+
+
+async def test_every_command_the_workflow_published_matches_the_contracts(
+        stack: Stack, contract_registry: ContractRegistry) -> None:
+    """Runs last in this module: the commands the journeys above sent, against schemas/."""
+    seen: set[str] = set()
+    for topic in ("email-commands", "crm-commands", "contact-commands"):
+        records = await read_topic(stack.settings.kafka_bootstrap_servers,
+                                   stack.settings.topic(topic), 1, timeout=5, idle=1.0)
+        for message in values(records):
+            assert contract_registry.validate(message) == [], message
+            assert message["type"] in contract_registry.topics[topic].message_types
+            seen.add(message["type"])
+    assert seen == {"email.send_requested.v1", "crm.handoff_requested.v1",
+                    "contact.change_requested.v1"}
