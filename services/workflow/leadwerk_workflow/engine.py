@@ -42,6 +42,7 @@ from leadwerk_workflow.domain.journey import (
     TagStep,
     WaitForStep,
     WaitStep,
+    WaitWindowStep,
     parse,
 )
 from leadwerk_workflow.metrics import WorkflowMetrics
@@ -324,10 +325,10 @@ class Engine:
 
 def resume_edge(journey: Journey, step_id: str, *, timed_out: bool) -> str:
     step = journey.step(step_id)
-    if isinstance(step, WaitStep):
+    if isinstance(step, WaitStep | WaitWindowStep):
         return "next"
     if isinstance(step, SendEmailStep):
-        return "self"  # a send the frequency cap delayed
+        return "self"  # a send the frequency cap or quiet hours delayed
     if isinstance(step, WaitForStep):
         return "on_timeout" if timed_out else "on_event"
     msg = f"step {step_id} of {journey.id} does not rest"

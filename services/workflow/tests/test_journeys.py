@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from leadwerk_platform.settings import repository_root
+from leadwerk_workflow.domain.calendar import next_in_window, quiet_until, zone
 from leadwerk_workflow.domain.engine import ContactState, EmailCap, Position, advance, bucket
-from leadwerk_workflow.domain.journey import Journey, parse
+from leadwerk_workflow.domain.journey import Journey, QuietHours, Window, parse
 from leadwerk_workflow.engine import shipped_journeys
 
 NOW = datetime(2026, 11, 21, 10, tzinfo=UTC)
@@ -153,3 +154,38 @@ def test_contact_change_steps_become_contact_commands() -> None:
     problems = locations(journey({"a": {"type": "change_stage", "stage": "recycled",
                                         "next": "b"}, "b": {"type": "end"}}))
     assert any("needs a reason" in m for m in problems.values())
+
+
+def test_business_hour_windows_in_the_contacts_time_zone() -> None:
+    window = Window(days=["mon", "tue", "wed", "thu", "fri"], start="09:00", end="17:00")
+    berlin = zone("Europe/Berlin")
+    saturday_noon = datetime(2026, 11, 21, 11, tzinfo=UTC)  # 12:00 in Berlin, a Saturday
+    assert next_in_window(saturday_noon, window, berlin) == datetime(2026, 11, 23, 8,
+                                                                     tzinfo=UTC)
+    monday_ten = datetime(2026, 11, 23, 9, tzinfo=UTC)
+    assert next_in_window(monday_ten, window, berlin) == monday_ten
+    new_york = zone("America/New_York")
+    assert next_in_window(monday_ten, window, new_york) == datetime(2026, 11, 23, 14,
+                                                                    tzinfo=UTC)
+    assert zone("Not/AZone").key == "Europe/Berlin"
+
+
+def test_quiet_hours_hold_marketing_until_morning() -> None:
+    flow = parsed(journey({"a": {"type": "send_email", "template": "news", "next": "b"},
+                           "b": {"type": "end"}},
+                          settings={"quiet_hours": {"start": "20:00", "end": "08:00"}}))
+    late = datetime(2026, 11, 23, 22, tzinfo=UTC)  # 23:00 in Berlin
+    held = advance(flow, Position(), ContactState("c"), late, enrollment_id="e")
+    assert held.commands == []
+    assert held.position.due_at == datetime(2026, 11, 24, 7, tzinfo=UTC)  # 08:00 Berlin
+    morning = advance(flow, held.position, ContactState("c"), held.position.due_at,
+                      enrollment_id="e", via="self")
+    assert [c.step_id for c in morning.commands] == ["a"]
+    windowed = parsed(journey({"a": {"type": "wait_window", "next": "b"},
+                               "b": {"type": "end"}}))
+    rest = advance(windowed, Position(), ContactState("c", {"timezone": "Europe/Berlin"}),
+                   late, enrollment_id="e")
+    assert (rest.position.step, rest.position.due_at) == (
+        "a", datetime(2026, 11, 24, 8, tzinfo=UTC))
+    assert quiet_until(datetime(2026, 11, 23, 12, tzinfo=UTC), QuietHours(),
+                       zone(None)) is None

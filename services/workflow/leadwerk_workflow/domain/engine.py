@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from leadwerk_platform.conditions import all_hold, parse_period
+from leadwerk_workflow.domain.calendar import next_in_window, quiet_until, zone
 from leadwerk_workflow.domain.journey import (
     CONTACT_CHANGES,
     AdjustScoreStep,
@@ -29,6 +30,7 @@ from leadwerk_workflow.domain.journey import (
     TagStep,
     WaitForStep,
     WaitStep,
+    WaitWindowStep,
 )
 
 _MAX_STEPS = 200  # validation forbids loops without a wait; this is a second fence
@@ -126,6 +128,15 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 history.append(Entry(current, "wait", f"until {due.isoformat()}"))
                 outcome.position.step, outcome.position.due_at = current, due
                 return outcome
+            case WaitWindowStep():
+                due = next_in_window(now, step.window, zone(contact.traits.get("timezone")))
+                if due <= now:
+                    history.append(Entry(current, "wait_window", "inside the window"))
+                    current = step.next
+                    continue
+                history.append(Entry(current, "wait_window", f"until {due.isoformat()}"))
+                outcome.position.step, outcome.position.due_at = current, due
+                return outcome
             case WaitForStep():
                 due = now + parse_period(step.timeout)
                 history.append(Entry(current, "wait_for",
@@ -147,6 +158,15 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 current = chosen.next
             case (SendEmailStep() | NotifyStep() | HandoffStep() | ChangeStageStep()
                   | AdjustScoreStep() | SetTraitStep() | TagStep()):
+                quiet = journey.settings.quiet_hours
+                hold = quiet_until(now, quiet, zone(contact.traits.get("timezone"))) \
+                    if quiet is not None and isinstance(step, SendEmailStep) \
+                    and not step.transactional and not suppress else None
+                if hold is not None:
+                    history.append(Entry(current, "quiet_hours",
+                                         f"delayed until {hold.isoformat()}"))
+                    outcome.position.step, outcome.position.due_at = current, hold
+                    return outcome
                 if _effect(step, current, visit, outcome, now, suppress=suppress, cap=cap):
                     return outcome  # delayed by the frequency cap: rests at this step
                 current = step.next

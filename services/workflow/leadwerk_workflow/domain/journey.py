@@ -81,6 +81,52 @@ class WaitStep(_Strict):
     _check = field_validator("duration")(_duration)
 
 
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+def _workdays() -> list[Weekday]:
+    return ["mon", "tue", "wed", "thu", "fri"]
+
+
+def _clock_time(value: str) -> str:
+    hours, _, minutes = value.partition(":")
+    if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
+        raise ValueError(f"time {value!r}: use HH:MM")
+    return value
+
+
+class Window(_Strict):
+    """Weekdays and a time of day, in the contact's time zone (trait ``timezone``)."""
+
+    days: list[Weekday] = Field(default_factory=_workdays, min_length=1)
+    start: str = "09:00"
+    end: str = "17:00"
+    _times = field_validator("start", "end")(_clock_time)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if self.start >= self.end:
+            raise ValueError("a window's start must be before its end (same day)")
+        return self
+
+
+class WaitWindowStep(_Strict):
+    """Wait until the contact's local time is inside a window (e.g. business hours)."""
+
+    type: Literal["wait_window"]
+    window: Window = Field(default_factory=Window)
+    next: str
+
+
+class QuietHours(_Strict):
+    """No marketing email between ``start`` and ``end`` (local time; may span midnight)."""
+
+    start: str = "20:00"
+    end: str = "08:00"
+    _times = field_validator("start", "end")(_clock_time)
+
+
 class WaitForStep(_Strict):
     type: Literal["wait_for"]
     event: EventMatch
@@ -166,11 +212,13 @@ class EndStep(_Strict):
     type: Literal["end"]
 
 
-Step = Annotated[WaitStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
+Step = Annotated[WaitStep | WaitWindowStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
                  | NotifyStep | HandoffStep | ChangeStageStep | AdjustScoreStep | SetTraitStep
                  | TagStep | EndStep, Field(discriminator="type")]
 #: Steps that ask scoring to change the contact (through ``contact-commands``).
 CONTACT_CHANGES = (ChangeStageStep, AdjustScoreStep, SetTraitStep, TagStep)
+#: Steps that always rest. A ``wait_window`` does not count: inside its window it goes on at
+#: once, so a loop through it alone could spin.
 WAITING = (WaitStep, WaitForStep)
 
 
@@ -181,6 +229,8 @@ class Settings(_Strict):
     #: A step due longer ago than this (after an outage) follows ``stale_policy``.
     stale_after: str = "1d"
     stale_policy: Literal["run", "skip", "end"] = "skip"
+    #: Marketing email that falls into these hours waits until they end.
+    quiet_hours: QuietHours | None = None
 
     @field_validator("reentry")
     @classmethod
