@@ -236,7 +236,8 @@ async def test_journey_steps_change_the_contact_in_scoring(stack: Stack) -> None
         "points": {"type": "adjust_score", "points": 40, "reason": "booked a demo",
                    "next": "stage"},
         "stage": {"type": "change_stage", "stage": "sal", "reason": "demo booked",
-                  "next": "end"},
+                  "next": "hook"},
+        "hook": {"type": "webhook", "url": "https://hooks.example.de/leadwerk", "next": "end"},
         "end": {"type": "end"}}}
     async with browser() as client:
         base = f"{stack.workflow}/api/journeys/demo-booked"
@@ -258,6 +259,9 @@ async def test_journey_steps_change_the_contact_in_scoring(stack: Stack) -> None
                                      f"/contacts/{contact_id}/score-history")).json()
         assert explained["by_rule"]["journey:demo-booked"] == 40
         assert explained["stages"][-1]["cause"] == "journey"
+        [hook] = await commands(stack, "crm-commands", contact_id, 1)
+        assert hook["type"] == "crm.webhook_requested.v1"
+        assert hook["data"]["url"] == "https://hooks.example.de/leadwerk"
 
 
 async def test_every_command_the_workflow_published_matches_the_contracts(
@@ -272,4 +276,4 @@ async def test_every_command_the_workflow_published_matches_the_contracts(
             assert message["type"] in contract_registry.topics[topic].message_types
             seen.add(message["type"])
     assert seen == {"email.send_requested.v1", "crm.handoff_requested.v1",
-                    "contact.change_requested.v1"}
+                    "crm.webhook_requested.v1", "contact.change_requested.v1"}

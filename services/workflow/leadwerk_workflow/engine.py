@@ -272,6 +272,11 @@ class Engine:
             [(ref.enrollment_id, ref.workspace, ref.contact_id, ref.journey.id,
               ref.journey.version, step, action, reason, at) for step, action, reason in entries])
 
+    @staticmethod
+    def _snapshot(contact: ContactState) -> dict[str, Any]:
+        return {"traits": contact.traits, "score": contact.score, "grade": contact.grade,
+                "rating": contact.rating, "stage": contact.stage}
+
     def _command(self, command: Command, ref: Ref, contact: ContactState,
                  now: datetime) -> OutgoingMessage:
         settings = self._deps.settings
@@ -293,14 +298,16 @@ class Engine:
                     data["traits"] = step.traits
                 case TagStep():
                     data["tags_add"], data["tags_remove"] = step.add, step.remove
+        elif command.kind == "webhook":
+            event_type, topic = "crm.webhook_requested.v1", "crm-commands"
+            data = {"contact_id": contact.contact_id, "url": step.url, "event": step.event,
+                    "origin": origin, "snapshot": self._snapshot(contact)}
         elif command.kind == "handoff":
             event_type, topic = "crm.handoff_requested.v1", "crm-commands"
             data = {
                 "contact_id": contact.contact_id, "reason": step.reason,
                 "owner": contact.traits.get("owner"), "origin": origin,
-                "snapshot": {"traits": contact.traits, "score": contact.score,
-                             "grade": contact.grade, "rating": contact.rating,
-                             "stage": contact.stage}}
+                "snapshot": self._snapshot(contact)}
         else:
             event_type, topic = "email.send_requested.v1", "email-commands"
             stale = parse_period(journey.settings.stale_after)

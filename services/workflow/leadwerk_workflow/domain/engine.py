@@ -31,6 +31,7 @@ from leadwerk_workflow.domain.journey import (
     WaitForStep,
     WaitStep,
     WaitWindowStep,
+    WebhookStep,
 )
 
 _MAX_STEPS = 200  # validation forbids loops without a wait; this is a second fence
@@ -54,7 +55,7 @@ class ContactState:
 
 @dataclass(frozen=True)
 class Command:
-    kind: Literal["email", "notify", "handoff", "contact"]
+    kind: Literal["email", "notify", "handoff", "contact", "webhook"]
     step_id: str
     visit: int
     step: Any
@@ -157,7 +158,7 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 history.append(Entry(current, "split", f"branch {chosen.name} (bucket {value})"))
                 current = chosen.next
             case (SendEmailStep() | NotifyStep() | HandoffStep() | ChangeStageStep()
-                  | AdjustScoreStep() | SetTraitStep() | TagStep()):
+                  | AdjustScoreStep() | SetTraitStep() | TagStep() | WebhookStep()):
                 quiet = journey.settings.quiet_hours
                 hold = quiet_until(now, quiet, zone(contact.traits.get("timezone"))) \
                     if quiet is not None and isinstance(step, SendEmailStep) \
@@ -191,9 +192,10 @@ def _entry_step(journey: Journey, position: Position, via: str | None) -> str:
 def _effect(step: Any, current: str, visit: int, outcome: Outcome, now: datetime, *,
             suppress: bool, cap: EmailCap | None) -> bool:
     """Emit (or skip, or cap) one command; ``True`` when the cap makes the enrollment rest."""
-    kind: Literal["email", "notify", "handoff", "contact"] = (
+    kind: Literal["email", "notify", "handoff", "contact", "webhook"] = (
         "email" if isinstance(step, SendEmailStep)
         else "notify" if isinstance(step, NotifyStep)
+        else "webhook" if isinstance(step, WebhookStep)
         else "contact" if isinstance(step, CONTACT_CHANGES) else "handoff")
     marketing = isinstance(step, SendEmailStep) and not step.transactional
     free_at = cap.free_at(now) if cap is not None and marketing and not suppress else None
@@ -209,7 +211,8 @@ def _effect(step: Any, current: str, visit: int, outcome: Outcome, now: datetime
         outcome.history.append(Entry(current, "skipped", f"{kind}: stale after an outage"))
         return False
     outcome.commands.append(Command(kind, current, visit, step))
-    what = getattr(step, "template", None) or getattr(step, "reason", None) or step.type
+    what = (getattr(step, "template", None) or getattr(step, "reason", None)
+            or getattr(step, "url", None) or step.type)
     action = ("transactional_email" if kind == "email" and not marketing
               else step.type if kind == "contact" else kind)
     outcome.history.append(Entry(current, action, str(what)))

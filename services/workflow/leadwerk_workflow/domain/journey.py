@@ -208,13 +208,22 @@ class TagStep(_Strict):
     next: str
 
 
+class WebhookStep(_Strict):
+    """Call a webhook through the crm-bridge (signed; private addresses refused there)."""
+
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    event: str = "journey.step"
+    next: str
+
+
 class EndStep(_Strict):
     type: Literal["end"]
 
 
 Step = Annotated[WaitStep | WaitWindowStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
                  | NotifyStep | HandoffStep | ChangeStageStep | AdjustScoreStep | SetTraitStep
-                 | TagStep | EndStep, Field(discriminator="type")]
+                 | TagStep | WebhookStep | EndStep, Field(discriminator="type")]
 #: Steps that ask scoring to change the contact (through ``contact-commands``).
 CONTACT_CHANGES = (ChangeStageStep, AdjustScoreStep, SetTraitStep, TagStep)
 #: Steps that always rest. A ``wait_window`` does not count: inside its window it goes on at
