@@ -6,12 +6,15 @@ the issue's target is 1,000,000 in under 5 minutes). Measured in one run on this
 * baseline - a bare ``SELECT … FOR UPDATE SKIP LOCKED`` due-row loop on the same Postgres
   (take 500 due rows, mark them done, commit), over a copy of the same rows;
 * the workflow service, two processes (``python -m leadwerk_workflow``), firing every timer:
-  each enrollment moves on, sends one email command through the outbox and ends.
+  each enrollment moves on, sends one email command through the outbox and ends;
+* event-to-step latency: ingest, the stitcher and the workflow running (each its own
+  process), new visitors downloading the white paper at a steady rate (``--rate``, default
+  200/s); per event, from ingest's 200 to the journey's first email command on the topic.
 
 Writes ``docs/benchmarks-workflow.md``. Run: ``uv run python -m bench.workflow_bench``.
 """
 # A measuring script: it prints, asserts its own bookkeeping and polls on purpose.
-# ruff: noqa: T201, ASYNC220
+# ruff: noqa: T201, S603, ASYNC110, ASYNC220, PLR0915
 
 from __future__ import annotations
 
@@ -132,6 +135,12 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
         elapsed = time.perf_counter() - start
         results.update({"wave_seconds": elapsed, "steps_s": args.enrollments / elapsed})
         await pool.close()
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+        print(f"[latency] {args.rate:,} new visitors/s for {args.seconds} s …", flush=True)
+        latency_results = await latency(args, work, bootstrap, database, env)
+        results.update({f"latency_{k}": v for k, v in latency_results.items()})
         return results
     finally:
         for process in processes:
@@ -140,6 +149,109 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, float]:
                 process.wait(30)
         postgres.stop()
         broker.stop()
+
+
+async def latency(args: argparse.Namespace, work: Path, bootstrap: str, database: str,
+                  env: dict[str, str]) -> dict[str, float]:
+    """Ingest's 200 → the white-paper journey's first command, per new visitor."""
+    import orjson  # noqa: PLC0415
+    from aiokafka import AIOKafkaConsumer  # noqa: PLC0415
+
+    from bench.loadgen import Connection  # noqa: PLC0415
+    from bench.scoring_bench import BROWSER, wait_http  # noqa: PLC0415
+    from leadwerk_scoring.domain.identity import device_contact_id  # noqa: PLC0415
+
+    prefix = "lat."
+    settings = PlatformSettings(KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+                                LEADWERK_KAFKA_TOPIC_PREFIX=prefix)
+    await provision_topics(settings, ContractRegistry.load(ROOT / "schemas"),
+                           replication_factor=1)
+    await migrate(database, "scoring")
+    config = work / "latency-config"
+    shutil.copytree(ROOT / "config", config)
+    run_env = {**env, "LEADWERK_KAFKA_TOPIC_PREFIX": prefix, "LEADWERK_CONFIG_DIR": str(config)}
+    ingest_port = free_port()
+    commands: list[tuple[str, list[str]]] = [
+        ("ingest", [sys.executable, "-m", "leadwerk_ingest"]),
+        ("stitcher", [sys.executable, "-m", "leadwerk_scoring"]),
+        ("workflow", [sys.executable, "-m", "leadwerk_workflow"])]
+    processes = []
+    for name, command in commands:
+        with (work / f"latency-{name}.log").open("ab") as out:
+            processes.append(subprocess.Popen(command, env={
+                **run_env, "LEADWERK_INGEST_PORT": str(ingest_port),
+                "LEADWERK_SCORING_PORT": str(free_port()),
+                "LEADWERK_SCORING_PROCESSORS": "stitcher",
+                "LEADWERK_WORKFLOW_PORT": str(free_port())},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+    consumer = AIOKafkaConsumer(f"{prefix}email-commands", bootstrap_servers=bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                fetch_max_wait_ms=10)
+    accepted: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    try:
+        await wait_http(f"http://127.0.0.1:{ingest_port}")
+        await asyncio.sleep(8)  # consumer groups join, journeys are seeded
+        await consumer.start()
+
+        async def watch() -> None:
+            while True:
+                batch = await consumer.getmany(timeout_ms=100)
+                now = time.perf_counter()
+                for records in batch.values():
+                    for record in records:
+                        message = orjson.loads(record.value)
+                        seen.setdefault(message["data"]["contact_id"], now)
+
+        watcher = asyncio.create_task(watch())
+        connections = [Connection("127.0.0.1", ingest_port, "/v1/track",
+                                  "Basic ZGV2LXdyaXRlLWtleTo=") for _ in range(32)]
+        idle: asyncio.Queue[Connection] = asyncio.Queue()
+        for connection in connections:
+            idle.put_nowait(connection)
+
+        async def send() -> None:
+            visitor = str(uuid.uuid4())
+            body = orjson.dumps({"anonymousId": visitor, "event": "Document Downloaded",
+                                 "context": {"userAgent": BROWSER}})
+            connection = await idle.get()
+            try:
+                status = await connection.request(body)
+            except (OSError, asyncio.IncompleteReadError):
+                connection.close()
+                status = 0
+            idle.put_nowait(connection)
+            if status == 200:
+                accepted[device_contact_id("dev", visitor)] = time.perf_counter()
+
+        start = time.perf_counter()
+        tasks = []
+        for n in range(args.rate * args.seconds):
+            delay = start + n / args.rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send()))
+        await asyncio.gather(*tasks)
+        sent_rate = len(tasks) / (time.perf_counter() - start)
+        deadline = time.monotonic() + 30
+        while len(set(accepted) & set(seen)) < len(accepted) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        watcher.cancel()
+        for connection in connections:
+            connection.close()
+    finally:
+        await consumer.stop()
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(30)
+    delays = sorted((seen[c] - t) * 1000 for c, t in accepted.items() if c in seen)
+    if not delays:
+        raise RuntimeError("no journey command observed")
+    return {"rate": sent_rate, "accepted": len(accepted), "observed": len(delays),
+            "p50_ms": delays[len(delays) // 2],
+            "p99_ms": delays[min(len(delays) - 1, int(0.99 * len(delays)))],
+            "max_ms": delays[-1]}
 
 
 def render(results: dict[str, float], args: argparse.Namespace) -> str:
@@ -167,12 +279,22 @@ def render(results: dict[str, float], args: argparse.Namespace) -> str:
         f"At that rate a million due timers take {per_million / 60:,.1f} minutes "
         f"(target: under 5): {verdict}.",
         "",
+        f"Event to step: {results['latency_rate']:,.0f} new visitors/s downloading the white "
+        "paper through ingest (ingest, stitcher and workflow each in its own process); from "
+        "ingest's 200 to the journey's first email command on the topic: "
+        f"p50 {results['latency_p50_ms']:,.0f} ms, p99 {results['latency_p99_ms']:,.0f} ms, "
+        f"max {results['latency_max_ms']:,.0f} ms ({results['latency_observed']:,.0f} of "
+        f"{results['latency_accepted']:,.0f} observed). Target p99 under one second: "
+        f"{'PASS' if results['latency_p99_ms'] < 1000 else 'FAIL'}.",
+        "",
     ])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--enrollments", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=200, help="new visitors per second")
+    parser.add_argument("--seconds", type=int, default=15)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="leadwerk-workflow-bench-"))
     try:

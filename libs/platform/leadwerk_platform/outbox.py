@@ -57,6 +57,7 @@ class OutboxRelay:
         self._stream = stream
         self._batch_size = batch_size
         self._lock_key = zlib.crc32(f"outbox:{schema}:{stream}".encode())
+        self._wanted = asyncio.Event()
         self.published = 0
 
     async def flush(self) -> int:
@@ -84,10 +85,21 @@ class OutboxRelay:
         self.published += total
         return total
 
+    def request(self) -> None:
+        """Ask the background loop (:meth:`sweep`) to flush soon. Writers whose input may be
+        acknowledged once their transaction committed use this: many requests coalesce into
+        one flush, and rows are never lost, since they are in the database already."""
+        self._wanted.set()
+
     async def sweep(self, interval: float = 5.0) -> None:
-        """Background safety net for rows whose writer died before flushing (not the event
-        path: writers flush their own rows right after their transaction)."""
+        """Flush whenever asked (:meth:`request`), and every ``interval`` seconds anyway: the
+        safety net for rows whose writer died before they were published."""
         while True:
-            await asyncio.sleep(interval)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), interval)
+            self._wanted.clear()
+            try:
                 await self.flush()
+            except Exception:  # the rows stay; the next round retries
+                logger.warning("outbox flush failed; retrying", exc_info=True)
+                await asyncio.sleep(min(interval, 1.0))

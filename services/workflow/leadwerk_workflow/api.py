@@ -254,7 +254,7 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
             if enrollment_id is None:
                 raise HTTPException(409, "the journey's re-entry rule does not allow it now")
             await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
-        await workflow.relay.flush()
+        workflow.relay.request()
         if workflow.timers is not None:
             workflow.timers.wake()
         return {"enrollment_id": enrollment_id}

@@ -87,7 +87,7 @@ class ContactEventHandler:
                     return
             await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
         if outgoing:
-            await self._relay.flush()
+            self._relay.request()  # committed with the outbox rows: publishing can follow
         if self._timers is not None:
             self._timers.wake()
 

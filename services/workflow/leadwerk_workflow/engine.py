@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from leadwerk_workflow.settings import WorkflowSettings
 logger = logging.getLogger(__name__)
 
 CONSUMER = "engine"
+ACTIVE_TTL = 1.0
 OUTBOX_STREAM = "workflow"
 _NAMESPACE = uuid.UUID("8e1f2a3b-4c5d-5e6f-9a0b-1c2d3e4f5a6b")
 Connection = Any
@@ -94,6 +96,7 @@ class JourneyStore:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str, int], Journey] = {}
+        self._active: dict[str, tuple[float, list[Journey]]] = {}
 
     async def version(self, connection: Connection, workspace: str, journey_id: str,
                       version: int) -> Journey:
@@ -106,11 +109,23 @@ class JourneyStore:
         return self._cache[key]
 
     async def active(self, connection: Connection, workspace: str) -> list[Journey]:
+        """The journeys taking new entries, read at most once per ``ACTIVE_TTL`` seconds (an
+        activation or pause reaches every process within that time)."""
+        now = time.monotonic()
+        cached = self._active.get(workspace)
+        if cached is not None and now - cached[0] < ACTIVE_TTL:
+            return cached[1]
         rows = await connection.fetch(
             "SELECT journey_id, active_version FROM journey_status WHERE workspace = $1 "
             "AND status = 'active' AND active_version IS NOT NULL", workspace)
-        return [await self.version(connection, workspace, r["journey_id"], r["active_version"])
-                for r in rows]
+        journeys = [await self.version(connection, workspace, r["journey_id"],
+                                       r["active_version"]) for r in rows]
+        self._active[workspace] = (now, journeys)
+        return journeys
+
+    def forget(self) -> None:
+        """Drop the cached list of active journeys (after a change through this process)."""
+        self._active.clear()
 
     async def save(self, connection: Connection, workspace: str, journey: Journey, *,
                    actor: str, activate: bool | None = None) -> Journey:
@@ -139,10 +154,12 @@ class JourneyStore:
                 "active_version = CASE WHEN EXCLUDED.status = 'active' THEN $4::int "
                 "ELSE journey_status.active_version END, updated_at = now()",
                 workspace, journey.id, new_status, version)
+        self.forget()
         return stored
 
     async def set_status(self, connection: Connection, workspace: str, journey_id: str,
                          status: str) -> bool:
+        self.forget()
         result: str = await connection.execute(
             "UPDATE journey_status SET status = $3, updated_at = now(), active_version = "
             "CASE WHEN $3 = 'active' THEN (SELECT max(version) FROM journeys WHERE "
@@ -415,5 +432,5 @@ class TimerWorker:
                                                   else "fired").inc()
             await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
         if outgoing:
-            await self._relay.flush()
+            self._relay.request()  # committed with the outbox rows: publishing can follow
         return len(rows)

@@ -64,6 +64,9 @@ def consumer_options(settings: PlatformSettings, group_id: str, client_id: str) 
         "auto_offset_reset": "earliest",
         "isolation_level": "read_committed" if settings.kafka_idempotence else "read_uncommitted",
         "max_poll_records": 500,
+        # A broker that does not answer a waiting fetch early (the embedded tansu) would add
+        # up to this much latency per hop; real Kafka answers as soon as data is there.
+        "fetch_max_wait_ms": 100,
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": max(100, settings.kafka_session_timeout_ms // 10),
         "rebalance_timeout_ms": max(settings.kafka_session_timeout_ms, 10_000),
