@@ -4,6 +4,7 @@ from workflow on email-commands and crm-commands; waits advanced with the inject
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -277,3 +278,45 @@ async def test_every_command_the_workflow_published_matches_the_contracts(
             seen.add(message["type"])
     assert seen == {"email.send_requested.v1", "crm.handoff_requested.v1",
                     "crm.webhook_requested.v1", "contact.change_requested.v1"}
+
+
+async def test_owners_are_assigned_round_robin_and_by_territory(stack: Stack) -> None:
+    headers = stack.admin
+    journey = {"name": "Routing", "trigger": {"manual": True}, "start": "assign", "steps": {
+        "assign": {"type": "assign_owner", "strategy": "round_robin",
+                   "reps": ["rep-a@example.de", "rep-b@example.de"],
+                   "territories": [{"when": {"country": "AT"}, "owner": "wien@example.at"}],
+                   "next": "tell"},
+        "tell": {"type": "notify", "template": "new-lead", "to": "owner", "next": "end"},
+        "end": {"type": "end"}}}
+    async with browser() as client:
+        base = f"{stack.workflow}/api/journeys/routing-test"
+        assert (await client.put(base, json=journey, headers=headers)).status_code == 201
+        contacts = [await known_contact(stack, client), await known_contact(stack, client),
+                    await known_contact(stack, client, country="AT")]
+
+        async def projected(contact_id: str) -> bool:
+            """The workflow has seen the contact's traits (the territory rule reads them)."""
+            assert stack.flow.deps is not None
+            email = await stack.flow.deps.pool.fetchval(
+                "SELECT traits->>'email' FROM contact_state WHERE contact_id = $1", contact_id)
+            return email is not None
+
+        owners = []
+        for contact_id in contacts:
+            await stack.eventually(functools.partial(projected, contact_id))
+            enrolled = await client.post(f"{base}/enroll", headers=headers,
+                                         json={"contact_id": contact_id})
+            assert enrolled.status_code == 201, enrolled.text
+            notes = [m for m in await commands(stack, "email-commands", contact_id, 1)
+                     if m["data"]["template"] == "new-lead"]
+            owners.append(notes[0]["data"]["to"])
+        assert owners[:2] in (["rep-a@example.de", "rep-b@example.de"],
+                              ["rep-b@example.de", "rep-a@example.de"])
+        assert owners[2] == "wien@example.at"
+
+        async def owned() -> bool:
+            body = (await stack.api(client, "GET", f"/contacts/{contacts[2]}")).json()
+            return bool(body["owner"] == "wien@example.at")
+
+        await stack.eventually(owned)  # the owner trait reached scoring

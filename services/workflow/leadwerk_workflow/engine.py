@@ -33,6 +33,7 @@ from leadwerk_workflow.domain.engine import (
     Outcome,
     Position,
     advance,
+    territory_owner,
 )
 from leadwerk_workflow.domain.journey import (
     AdjustScoreStep,
@@ -258,9 +259,39 @@ class Engine:
         for entry in outcome.history:
             self._deps.metrics.steps.labels(entry.action).inc()
         for command in outcome.commands:
-            outgoing.append(self._command(command, ref, contact, now))
+            if command.kind == "assign":
+                owner = await self._assign(connection, ref, command, contact, now)
+                outgoing.append(self._command(
+                    Command("contact", command.step_id, command.visit,
+                            SetTraitStep(type="set_trait", traits={"owner": owner},
+                                         next=command.step.next)), ref, contact, now))
+            else:
+                outgoing.append(self._command(command, ref, contact, now))
             self._deps.metrics.commands.labels(command.kind).inc()
         return outcome
+
+    async def _assign(self, connection: Connection, ref: Ref, command: Command,
+                      contact: ContactState, now: datetime) -> str:
+        """Choose the owner (territory, else strategy), remember it for the steps that follow
+        in this run, and record why."""
+        step = command.step
+        owner = territory_owner(step, contact)
+        reason = "territory"
+        if owner is None and step.strategy == "round_robin":
+            turn = await connection.fetchval(
+                "INSERT INTO routing_state (workspace, pool, counter) VALUES ($1, $2, 1) "
+                "ON CONFLICT (workspace, pool) DO UPDATE SET counter = routing_state.counter + 1 "
+                "RETURNING counter", ref.workspace, f"{ref.journey.id}:{command.step_id}")
+            owner, reason = step.reps[(turn - 1) % len(step.reps)], f"round robin, turn {turn}"
+        elif owner is None:
+            owner, reason = step.owner, "fixed"
+        contact.traits["owner"] = owner
+        await connection.execute(
+            "UPDATE contact_state SET traits = traits || jsonb_build_object('owner', $3::text) "
+            "WHERE workspace = $1 AND contact_id = $2", ref.workspace, ref.contact_id, owner)
+        await self._history(connection, ref, [(command.step_id, "owner", f"{owner} ({reason})")],
+                            now)
+        return str(owner)
 
     async def _cap(self, connection: Connection, ref: Ref, now: datetime) -> EmailCap | None:
         settings = self._deps.settings

@@ -10,7 +10,14 @@ import pytest
 
 from leadwerk_platform.settings import repository_root
 from leadwerk_workflow.domain.calendar import next_in_window, quiet_until, zone
-from leadwerk_workflow.domain.engine import ContactState, EmailCap, Position, advance, bucket
+from leadwerk_workflow.domain.engine import (
+    ContactState,
+    EmailCap,
+    Position,
+    advance,
+    bucket,
+    territory_owner,
+)
 from leadwerk_workflow.domain.journey import Journey, QuietHours, Window, parse
 from leadwerk_workflow.engine import shipped_journeys
 
@@ -189,3 +196,18 @@ def test_quiet_hours_hold_marketing_until_morning() -> None:
         "a", datetime(2026, 11, 24, 8, tzinfo=UTC))
     assert quiet_until(datetime(2026, 11, 23, 12, tzinfo=UTC), QuietHours(),
                        zone(None)) is None
+
+
+def test_owner_assignment_needs_what_its_strategy_uses() -> None:
+    assert any("needs an owner" in m for m in locations(journey({
+        "a": {"type": "assign_owner", "next": "b"}, "b": {"type": "end"}})).values())
+    assert any("needs reps" in m for m in locations(journey({
+        "a": {"type": "assign_owner", "strategy": "round_robin", "next": "b"},
+        "b": {"type": "end"}})).values())
+    flow = parsed(journey({"a": {"type": "assign_owner", "owner": "x@example.de",
+                                 "territories": [{"when": {"country": "AT"},
+                                                  "owner": "wien@example.at"}],
+                                 "next": "b"}, "b": {"type": "end"}}))
+    step = flow.step("a")
+    assert territory_owner(step, ContactState("c", {"country": "AT"})) == "wien@example.at"
+    assert territory_owner(step, ContactState("c", {"country": "DE"})) is None

@@ -17,6 +17,7 @@ from leadwerk_workflow.domain.calendar import next_in_window, quiet_until, zone
 from leadwerk_workflow.domain.journey import (
     CONTACT_CHANGES,
     AdjustScoreStep,
+    AssignOwnerStep,
     Branch,
     ChangeStageStep,
     ConditionStep,
@@ -55,7 +56,7 @@ class ContactState:
 
 @dataclass(frozen=True)
 class Command:
-    kind: Literal["email", "notify", "handoff", "contact", "webhook"]
+    kind: Literal["email", "notify", "handoff", "contact", "webhook", "assign"]
     step_id: str
     visit: int
     step: Any
@@ -158,7 +159,8 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
                 history.append(Entry(current, "split", f"branch {chosen.name} (bucket {value})"))
                 current = chosen.next
             case (SendEmailStep() | NotifyStep() | HandoffStep() | ChangeStageStep()
-                  | AdjustScoreStep() | SetTraitStep() | TagStep() | WebhookStep()):
+                  | AdjustScoreStep() | SetTraitStep() | TagStep() | WebhookStep()
+                  | AssignOwnerStep()):
                 quiet = journey.settings.quiet_hours
                 hold = quiet_until(now, quiet, zone(contact.traits.get("timezone"))) \
                     if quiet is not None and isinstance(step, SendEmailStep) \
@@ -192,10 +194,11 @@ def _entry_step(journey: Journey, position: Position, via: str | None) -> str:
 def _effect(step: Any, current: str, visit: int, outcome: Outcome, now: datetime, *,
             suppress: bool, cap: EmailCap | None) -> bool:
     """Emit (or skip, or cap) one command; ``True`` when the cap makes the enrollment rest."""
-    kind: Literal["email", "notify", "handoff", "contact", "webhook"] = (
+    kind: Literal["email", "notify", "handoff", "contact", "webhook", "assign"] = (
         "email" if isinstance(step, SendEmailStep)
         else "notify" if isinstance(step, NotifyStep)
         else "webhook" if isinstance(step, WebhookStep)
+        else "assign" if isinstance(step, AssignOwnerStep)
         else "contact" if isinstance(step, CONTACT_CHANGES) else "handoff")
     marketing = isinstance(step, SendEmailStep) and not step.transactional
     free_at = cap.free_at(now) if cap is not None and marketing and not suppress else None
@@ -228,3 +231,11 @@ def _branch(step: SplitStep, value: int) -> Branch:
         if value < total:
             return branch
     return step.branches[-1]
+
+
+def territory_owner(step: AssignOwnerStep, contact: ContactState) -> str | None:
+    """The owner of the first territory rule the contact matches."""
+    for territory in step.territories:
+        if all_hold(territory.when, contact.values()):
+            return territory.owner
+    return None

@@ -217,13 +217,40 @@ class WebhookStep(_Strict):
     next: str
 
 
+class Territory(_Strict):
+    when: dict[str, Condition]  # on the contact (traits such as country, postal code)
+    owner: str
+
+
+class AssignOwnerStep(_Strict):
+    """Give the contact an owner: the first matching territory rule, else the strategy
+    (``fixed``: ``owner``; ``round_robin``: the next of ``reps``). The owner becomes the
+    contact's ``owner`` trait (through scoring) and the sender of owner mails."""
+
+    type: Literal["assign_owner"]
+    territories: list[Territory] = Field(default_factory=list)
+    strategy: Literal["fixed", "round_robin"] = "fixed"
+    owner: str | None = None
+    reps: list[str] = Field(default_factory=list)
+    next: str
+
+    @model_validator(mode="after")
+    def _complete(self) -> AssignOwnerStep:
+        if self.strategy == "fixed" and not self.owner:
+            raise ValueError("a fixed assignment needs an owner")
+        if self.strategy == "round_robin" and not self.reps:
+            raise ValueError("round_robin needs reps")
+        return self
+
+
 class EndStep(_Strict):
     type: Literal["end"]
 
 
 Step = Annotated[WaitStep | WaitWindowStep | WaitForStep | ConditionStep | SplitStep | SendEmailStep
                  | NotifyStep | HandoffStep | ChangeStageStep | AdjustScoreStep | SetTraitStep
-                 | TagStep | WebhookStep | EndStep, Field(discriminator="type")]
+                 | TagStep | WebhookStep | AssignOwnerStep | EndStep,
+                 Field(discriminator="type")]
 #: Steps that ask scoring to change the contact (through ``contact-commands``).
 CONTACT_CHANGES = (ChangeStageStep, AdjustScoreStep, SetTraitStep, TagStep)
 #: Steps that always rest. A ``wait_window`` does not count: inside its window it goes on at
