@@ -6,18 +6,17 @@ score rows (locked per contact), the explanation rows and the outbox; flush, the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from leadwerk_platform.envelope import Envelope
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.kafka.streams import Rejected, StreamMessage
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
+from leadwerk_platform.timers import DueTimer
 from leadwerk_scoring.adapters.identities import current_id, jsonb, load_json, trait_values
 from leadwerk_scoring.adapters.messages import (
     CONTACT_CHANGES,
@@ -44,6 +43,7 @@ logger = logging.getLogger(__name__)
 CONSUMER = "scorer"
 OUTBOX_STREAM = "scorer"
 _MAX_MERGE_HOPS = 16
+_DOWNGRADE_BATCH = 500
 
 
 @dataclass
@@ -534,7 +534,7 @@ class Scorer:
             "DELETE FROM scores WHERE workspace = $1 AND contact_id = $2", workspace, merged)
 
 
-class DowngradeTimer:
+class DowngradeTimer(DueTimer):
     """Moves MQLs back to lead at the exact moment decay takes them below the lower threshold.
 
     Not a cron job: each score row knows when it will cross (computed from the half-life), and
@@ -542,34 +542,15 @@ class DowngradeTimer:
     """
 
     def __init__(self, deps: Deps, relay: OutboxRelay, max_sleep: float = 300.0) -> None:
+        super().__init__(deps.clock, batch=_DOWNGRADE_BATCH, max_sleep=max_sleep)
         self._deps = deps
         self._relay = relay
-        self._max_sleep = max_sleep
-        self._wake = asyncio.Event()
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.run_due()
-                delay = await self._next_delay()
-            except Exception:
-                logger.exception("downgrade timer failed; retrying")
-                delay = 5.0
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-
-    async def _next_delay(self) -> float:
+    async def next_due(self) -> datetime | None:
         async with self._deps.pool.acquire() as connection:
-            due = await connection.fetchval(
+            due: datetime | None = await connection.fetchval(
                 "SELECT min(downgrade_at) FROM scores WHERE downgrade_at IS NOT NULL")
-        if due is None:
-            return self._max_sleep
-        seconds: float = (due - self._deps.clock()) / timedelta(seconds=1)
-        return min(max(seconds, 0.01), self._max_sleep)
+        return due
 
     async def run_due(self) -> int:
         """Apply every downgrade that is due now; return how many contacts moved."""
@@ -578,8 +559,8 @@ class DowngradeTimer:
         async with self._deps.pool.acquire() as connection, connection.transaction():
             rows = await connection.fetch(
                 "SELECT workspace, contact_id::text AS contact_id FROM scores "
-                "WHERE downgrade_at <= $1 ORDER BY downgrade_at LIMIT 500 "
-                "FOR UPDATE SKIP LOCKED", now)
+                "WHERE downgrade_at <= $1 ORDER BY downgrade_at LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED", now, _DOWNGRADE_BATCH)
             writer = ScoreWriter(self._deps, connection)
             for item in rows:
                 model = await self._deps.models.current(connection, item["workspace"])

@@ -8,14 +8,12 @@ visit: the idempotency key the mailer and the crm-bridge deduplicate on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from leadwerk_platform.conditions import parse_period
 from leadwerk_platform.envelope import Envelope, encode, format_timestamp
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
+from leadwerk_platform.timers import DueTimer
 from leadwerk_workflow.domain.engine import (
     Command,
     ContactState,
@@ -395,44 +394,24 @@ def position_of(row: Any) -> Position:
                     visits=loads(row["visits"]), branches=loads(row["branches"]))
 
 
-class TimerWorker:
+class TimerWorker(DueTimer):
     """Fires due timers. Several processes can run it: ``FOR UPDATE SKIP LOCKED`` hands each
     due enrollment to one of them, and the move happens in the transaction holding the lock,
     so each timer fires once. Sleeps until the earliest due time (or until woken)."""
 
     def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay,
                  max_sleep: float = 60.0) -> None:
+        super().__init__(deps.clock, batch=deps.settings.timer_batch, max_sleep=max_sleep)
         self._deps = deps
         self._engine = engine
         self._relay = relay
-        self._max_sleep = max_sleep
-        self._wake = asyncio.Event()
 
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            try:
-                while await self.run_due() == self._deps.settings.timer_batch:
-                    pass
-                delay = await self._next_delay()
-            except Exception:
-                logger.exception("timer worker failed; retrying")
-                delay = 5.0
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
-
-    async def _next_delay(self) -> float:
+    async def next_due(self) -> datetime | None:
         async with self._deps.pool.acquire() as connection:
-            due = await connection.fetchval(
+            due: datetime | None = await connection.fetchval(
                 "SELECT min(due_at) FROM enrollments WHERE state = 'active' "
                 "AND due_at IS NOT NULL")
-        if due is None:
-            return self._max_sleep
-        seconds: float = (due - self._deps.clock()) / timedelta(seconds=1)
-        return min(max(seconds, 0.01), self._max_sleep)
+        return due
 
     async def run_due(self) -> int:
         """Handle up to one batch of due timers; return how many."""
