@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,13 +14,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import asyncpg
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 
+from leadwerk_platform.admin import AdminGuard, Workspace
+from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.kafka.streams import StreamPolicy, StreamProcessor
@@ -75,12 +74,7 @@ class Scoring:
         self.relays: dict[str, OutboxRelay] = {}
 
     async def start(self) -> None:
-        if self.settings.database_url is None:
-            raise RuntimeError("DATABASE_URL is required")
-        pool = await asyncpg.create_pool(
-            self.settings.database_url.get_secret_value(), min_size=1,
-            max_size=self.settings.database_pool_size,
-            server_settings={"search_path": SCHEMA})
+        pool = await create_pool(self.settings, SCHEMA, self.settings.database_pool_size)
         await self.publisher.start(wait=5.0)
         self.deps = deps = Deps(self.settings, pool, self.publisher, self.metrics, self.models,
                                 declared_identifiers(self.settings.config_dir), self.clock)
@@ -127,10 +121,7 @@ class Scoring:
             await self.deps.pool.close()
 
     async def database_ready(self) -> bool:
-        if self.deps is None:
-            return False
-        async with self.deps.pool.acquire() as connection:
-            return bool(await connection.fetchval("SELECT 1"))
+        return await reachable(self.deps.pool if self.deps is not None else None)
 
     async def processors_ready(self) -> bool:
         return all(p.failed is None for p in self.processors.values())
@@ -141,22 +132,6 @@ class StageChange(BaseModel):
     reason: str | None = Field(None, description="Required for recycled and disqualified.")
 
 
-_bearer = HTTPBearer(auto_error=False)
-Workspace = Annotated[str, Query(description="Workspace id")]
-
-
-class AdminGuard:
-    """Every /api route: ``Authorization: Bearer <LEADWERK_ADMIN_TOKEN>``."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode()
-
-    async def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                    Depends(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(
-                credentials.credentials.encode(), self._expected):
-            raise HTTPException(401, "admin token required (Authorization: Bearer …)",
-                                headers={"WWW-Authenticate": "Bearer"})
 
 
 def create_app(settings: ScoringSettings, *, clock: Callable[[], datetime] = utcnow,

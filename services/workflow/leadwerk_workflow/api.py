@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import yaml
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from leadwerk_platform.admin import AdminGuard, Workspace
+from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
@@ -63,11 +63,7 @@ class Workflow:
         self._consumer_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.settings.database_url is None:
-            raise RuntimeError("DATABASE_URL is required")
-        pool = await asyncpg.create_pool(
-            self.settings.database_url.get_secret_value(), min_size=1,
-            max_size=self.settings.database_pool_size, server_settings={"search_path": SCHEMA})
+        pool = await create_pool(self.settings, SCHEMA, self.settings.database_pool_size)
         await self.publisher.start(wait=5.0)
         self.deps = deps = Deps(self.settings, pool, self.publisher, self.metrics, self.clock)
         self.engine = Engine(deps, self.journeys)
@@ -99,32 +95,13 @@ class Workflow:
             await self.deps.pool.close()
 
     async def database_ready(self) -> bool:
-        if self.deps is None:
-            return False
-        async with self.deps.pool.acquire() as connection:
-            return bool(await connection.fetchval("SELECT 1"))
+        return await reachable(self.deps.pool if self.deps is not None else None)
 
     async def consumer_ready(self) -> bool:
         tasks = [*self._tasks, *([self._consumer_task] if self._consumer_task else [])]
         return bool(tasks) and all(not t.done() for t in tasks)
 
 
-_bearer = HTTPBearer(auto_error=False)
-Workspace = Annotated[str, Query(description="Workspace id")]
-
-
-class AdminGuard:
-    """Every /api route: ``Authorization: Bearer <LEADWERK_ADMIN_TOKEN>``."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode()
-
-    async def __call__(self, credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                                    Depends(_bearer)]) -> None:
-        if credentials is None or not secrets.compare_digest(
-                credentials.credentials.encode(), self._expected):
-            raise HTTPException(401, "admin token required (Authorization: Bearer …)",
-                                headers={"WWW-Authenticate": "Bearer"})
 
 
 class Enrollment(BaseModel):
