@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from alembic import command, context
+from alembic import command, context, op
 from alembic.config import Config
 from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
@@ -38,6 +38,14 @@ def upgrade(database_url: str, schema: str, script_location: Path,
             revision: str = "head") -> None:
     """Bring ``schema`` to ``revision`` (blocking; run it outside the event loop)."""
     command.upgrade(alembic_config(database_url, schema, script_location), revision)
+
+
+def execute_script(sql: str) -> None:
+    """Run a migration's SQL, statement by statement (asyncpg runs one statement per call).
+    Statements end with ``;`` at the end of a line."""
+    for statement in sql.split(";\n"):
+        if statement.strip():
+            op.execute(statement)
 
 
 def run_env() -> None:

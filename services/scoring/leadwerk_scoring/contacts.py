@@ -4,7 +4,6 @@ stage changes and erasure (Postgres; messages through the outbox stream ``api``)
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 from leadwerk_platform.kafka.producer import OutgoingMessage
@@ -22,10 +21,6 @@ OUTBOX_STREAM = "api"
 
 class NotFoundError(LookupError):
     pass
-
-
-def _stamp(value: datetime | None) -> str | None:
-    return store.stamp(value)
 
 
 async def contact_document(deps: Deps, connection: Any, workspace: str,
@@ -72,14 +67,14 @@ async def contact_document(deps: Deps, connection: Any, workspace: str,
         "band": band,
         "rating": rating(grade, band),
         "stage": score["stage"] if score else ("lead" if row else "visitor"),
-        "stage_changed_at": _stamp(score["stage_changed_at"]) if score else None,
+        "stage_changed_at": store.stamp(score["stage_changed_at"]) if score else None,
         "owner": values.get("owner"),
         "attribution": {
             "first_touch": store.load_json(row["first_touch"]) if row else None,
             "last_touch": store.load_json(row["last_touch"]) if row else None,
         },
-        "created_at": _stamp(row["created_at"]) if row else None,
-        "last_seen_at": _stamp(row["last_seen_at"]) if row else None,
+        "created_at": store.stamp(row["created_at"]) if row else None,
+        "last_seen_at": store.stamp(row["last_seen_at"]) if row else None,
         "model_version": model.version,
     }
 
@@ -98,7 +93,8 @@ async def timeline(connection: Any, workspace: str, contact_id: str, *, limit: i
         "AND contact_id = $2 ORDER BY occurred_at DESC, event_id LIMIT $3 OFFSET $4",
         workspace, contact_id, limit, offset)
     return [{"event_id": r["event_id"], "type": r["type"], "name": r["name"],
-             "occurred_at": _stamp(r["occurred_at"]), "received_at": _stamp(r["received_at"]),
+             "occurred_at": store.stamp(r["occurred_at"]),
+             "received_at": store.stamp(r["received_at"]),
              "session_id": r["session_id"], "data": store.load_json(r["data"])} for r in rows]
 
 
@@ -118,7 +114,7 @@ async def score_history(deps: Deps, connection: Any, workspace: str,
         by_rule[r["rule"]] = by_rule.get(r["rule"], 0.0) + worth
         entries.append({"event_id": r["event_id"], "event_type": r["event_type"],
                         "rule": r["rule"], "points": r["points"], "worth_now": round(worth, 2),
-                        "occurred_at": _stamp(r["occurred_at"]),
+                        "occurred_at": store.stamp(r["occurred_at"]),
                         "model_version": r["model_version"]})
     stages = await connection.fetch(
         "SELECT from_stage, to_stage, cause, reason, event_id::text AS event_id, changed_at "
@@ -129,7 +125,7 @@ async def score_history(deps: Deps, connection: Any, workspace: str,
         "score": round(sum(by_rule.values()), 2),
         "by_rule": {rule: round(value, 2) for rule, value in sorted(by_rule.items())},
         "history": entries,
-        "stages": [{**dict(s), "changed_at": _stamp(s["changed_at"])} for s in stages],
+        "stages": [{**dict(s), "changed_at": store.stamp(s["changed_at"])} for s in stages],
     }
 
 
@@ -145,7 +141,7 @@ async def export(deps: Deps, connection: Any, workspace: str, contact_id: str) -
         "timeline": await timeline(connection, workspace, contact_id, limit=1_000_000,
                                    offset=0),
         "scoring": await score_history(deps, connection, workspace, contact_id),
-        "merged_contacts": [{**dict(m), "merged_at": _stamp(m["merged_at"])} for m in merges],
+        "merged_contacts": [{**dict(m), "merged_at": store.stamp(m["merged_at"])} for m in merges],
     }
 
 

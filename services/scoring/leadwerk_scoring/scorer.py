@@ -17,7 +17,14 @@ from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.kafka.streams import Rejected, StreamMessage
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
 from leadwerk_platform.timers import DueTimer
-from leadwerk_scoring.adapters.identities import current_id, jsonb, load_json, trait_values
+from leadwerk_scoring.adapters.identities import (
+    MAX_MERGE_HOPS,
+    current_id,
+    current_ids,
+    jsonb,
+    load_json,
+    trait_values,
+)
 from leadwerk_scoring.adapters.messages import (
     CONTACT_CHANGES,
     CONTACT_EVENTS,
@@ -42,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 CONSUMER = "scorer"
 OUTBOX_STREAM = "scorer"
-_MAX_MERGE_HOPS = 16
 _DOWNGRADE_BATCH = 500
 
 
@@ -71,7 +77,7 @@ async def lock_score(connection: Any, workspace: str, contact_id: str,
                      model: ScoringModel, now: datetime) -> ScoreRow:
     """Lock (creating if needed) the score row of what ``contact_id`` is now, following merges
     that commit while we wait for the lock."""
-    for _ in range(_MAX_MERGE_HOPS):
+    for _ in range(MAX_MERGE_HOPS):
         contact_id = await current_id(connection, workspace, contact_id)
         await connection.execute(
             "INSERT INTO scores (workspace, contact_id, model_version, updated_at) "
@@ -226,27 +232,6 @@ async def contact_traits(connection: Any, workspace: str, contact_id: str) -> di
         "SELECT traits FROM contacts WHERE workspace = $1 AND contact_id = $2",
         workspace, contact_id)
     return trait_values(load_json(traits)) if traits is not None else {}
-
-
-async def current_ids(connection: Any,
-                      keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """Follow merges for many contacts at once: (workspace, id) → the id it is now."""
-    result = {key: key[1] for key in keys}
-    pending = set(keys)
-    for _ in range(_MAX_MERGE_HOPS):
-        if not pending:
-            break
-        current = {(w, result[(w, i)]) for w, i in pending}
-        rows = await connection.fetch(
-            "SELECT m.workspace, m.merged_id::text AS merged, m.survivor_id::text AS survivor "
-            "FROM merges m JOIN unnest($1::text[], $2::uuid[]) AS k(w, id) "
-            "ON m.workspace = k.w AND m.merged_id = k.id",
-            [w for w, _ in current], [i for _, i in current])
-        moved = {(r["workspace"], r["merged"]): r["survivor"] for r in rows}
-        pending = {key for key in pending if (key[0], result[key]) in moved}
-        for key in pending:
-            result[key] = moved[(key[0], result[key])]
-    return result
 
 
 async def lock_scores(connection: Any, keys: set[tuple[str, str]],

@@ -24,6 +24,7 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
+from leadwerk_platform.kafka.config import FETCH_MAX_WAIT_MS
 from leadwerk_platform.kafka.consumer import ConsumerPolicy, DeadLetters, retry_transient
 from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.settings import PlatformSettings
@@ -31,15 +32,9 @@ from leadwerk_platform.settings import PlatformSettings
 logger = logging.getLogger(__name__)
 
 
-#: How long a fetch may wait at the broker for new data. faust hard-codes 1500 ms; a broker
-#: that does not answer early when data arrives (the embedded tansu) then adds up to that much
-#: latency per hop. Real Kafka answers as soon as data is there, so a short wait costs only a
-#: few idle fetch requests per second.
-FETCH_MAX_WAIT_MS = 100
-
-
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
+        # faust hard-codes a 1.5 s fetch wait; ours is the platform's (see FETCH_MAX_WAIT_MS).
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # private, but read only at start()
         return consumer

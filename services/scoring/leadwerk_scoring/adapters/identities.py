@@ -21,7 +21,8 @@ from leadwerk_scoring.domain.identity import ANONYMOUS, ContactView, Identifier,
 from leadwerk_scoring.domain.profile import combine_touches, combine_traits, touch_of
 
 Connection = Any  # asyncpg.Connection (asyncpg ships no type information)
-_MAX_MERGE_HOPS = 16
+#: Merges are path-compressed (one hop); this only bounds a corrupted chain.
+MAX_MERGE_HOPS = 16
 _ANONYMOUS_TOUCH_ROWS = 1000
 
 
@@ -81,14 +82,28 @@ async def contact_views(connection: Connection, workspace: str,
 
 async def current_id(connection: Connection, workspace: str, contact_id: str) -> str:
     """Follow merges: the contact that ``contact_id`` now is."""
-    for _ in range(_MAX_MERGE_HOPS):
-        survivor = await connection.fetchval(
-            "SELECT survivor_id::text FROM merges WHERE workspace = $1 AND merged_id = $2",
-            workspace, contact_id)
-        if survivor is None:
-            return contact_id
-        contact_id = survivor
-    return contact_id
+    return (await current_ids(connection, {(workspace, contact_id)}))[(workspace, contact_id)]
+
+
+async def current_ids(connection: Connection,
+                      keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Follow merges for many contacts at once: (workspace, id) → the id it is now."""
+    result = {key: key[1] for key in keys}
+    pending = set(keys)
+    for _ in range(MAX_MERGE_HOPS):
+        if not pending:
+            break
+        current = {(w, result[(w, i)]) for w, i in pending}
+        rows = await connection.fetch(
+            "SELECT m.workspace, m.merged_id::text AS merged, m.survivor_id::text AS survivor "
+            "FROM merges m JOIN unnest($1::text[], $2::uuid[]) AS k(w, id) "
+            "ON m.workspace = k.w AND m.merged_id = k.id",
+            [w for w, _ in current], [i for _, i in current])
+        moved = {(r["workspace"], r["merged"]): r["survivor"] for r in rows}
+        pending = {key for key in pending if (key[0], result[key]) in moved}
+        for key in pending:
+            result[key] = moved[(key[0], result[key])]
+    return result
 
 
 async def create_contact(connection: Connection, workspace: str, contact_id: str,
@@ -136,15 +151,15 @@ async def apply_merge(connection: Connection, settings: PlatformSettings, worksp
         "FOR UPDATE", workspace, [survivor, merged])
     by_id = {r["contact_id"]: r for r in rows}
     target, source = by_id.get(survivor), by_id.get(merged)
-    traits = _json(target["traits"]) if target else {}
-    first = _json(target["first_touch"]) if target else None
-    last = _json(target["last_touch"]) if target else None
+    traits = load_json(target["traits"]) if target else {}
+    first = load_json(target["first_touch"]) if target else None
+    last = load_json(target["last_touch"]) if target else None
     created_at = target["created_at"] if target else now
     last_seen = target["last_seen_at"] if target else None
     if source is not None:
-        traits = combine_traits(traits, _json(source["traits"]))
-        first, last = combine_touches(first, last, _json(source["first_touch"]))
-        first, last = combine_touches(first, last, _json(source["last_touch"]))
+        traits = combine_traits(traits, load_json(source["traits"]))
+        first, last = combine_touches(first, last, load_json(source["first_touch"]))
+        first, last = combine_touches(first, last, load_json(source["last_touch"]))
         created_at = min(created_at, source["created_at"])
         if source["last_seen_at"] and (last_seen is None or source["last_seen_at"] > last_seen):
             last_seen = source["last_seen_at"]
@@ -154,7 +169,7 @@ async def apply_merge(connection: Connection, settings: PlatformSettings, worksp
         for row in await connection.fetch(
                 "SELECT occurred_at, data FROM timeline WHERE workspace = $1 AND contact_id = $2 "
                 "ORDER BY occurred_at LIMIT $3", workspace, merged, _ANONYMOUS_TOUCH_ROWS):
-            first, last = combine_touches(first, last, touch_of(_json(row["data"]),
+            first, last = combine_touches(first, last, touch_of(load_json(row["data"]),
                                                                 row["occurred_at"]))
             if last_seen is None or row["occurred_at"] > last_seen:
                 last_seen = row["occurred_at"]
@@ -179,7 +194,8 @@ async def apply_merge(connection: Connection, settings: PlatformSettings, worksp
               "actor": actor, "cause_event_id": cause_event_id})
 
 
-def _json(value: Any) -> Any:
+def load_json(value: Any) -> Any:
+    """A jsonb column as asyncpg returns it (text) → Python."""
     if isinstance(value, str):
         return orjson.loads(value)
     return value
@@ -188,10 +204,6 @@ def _json(value: Any) -> Any:
 def trait_values(traits: dict[str, Any]) -> dict[str, Any]:
     """``{"name": {"value": v, "at": t}}`` → ``{"name": v}``."""
     return {name: entry["value"] for name, entry in traits.items()}
-
-
-def load_json(value: Any) -> Any:
-    return _json(value)
 
 
 def stamp(moment: datetime | None) -> str | None:

@@ -2,6 +2,7 @@
 
 from alembic import op
 
+from leadwerk_platform.migrations import execute_script
 from leadwerk_platform.outbox import OUTBOX_TABLE_SQL
 
 revision = "0001"
@@ -89,10 +90,7 @@ CREATE TABLE processed (
 
 
 def upgrade() -> None:
-    # asyncpg runs one statement per call.
-    for statement in (SCHEMA + OUTBOX_TABLE_SQL).split(";\n"):
-        if statement.strip():
-            op.execute(statement)
+    execute_script(SCHEMA + OUTBOX_TABLE_SQL)
 
 
 def downgrade() -> None:
