@@ -23,7 +23,13 @@ from leadwerk_ingest.settings import IngestSettings
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
-from leadwerk_platform.testing.helpers import create_database, migrate, serve_app
+from leadwerk_platform.testing.helpers import (
+    create_database,
+    migrate,
+    read_topic,
+    serve_app,
+    values,
+)
 from leadwerk_platform.testing.plugin import Infrastructure
 from leadwerk_scoring.api import Scoring, create_app
 from leadwerk_scoring.settings import ScoringSettings
@@ -102,6 +108,44 @@ async def submit_form(stack: Stack, client: httpx.AsyncClient, device: str, addr
         data={"email": address, "first_name": "Anna", "company": "Schmidt GmbH",
               "consent_marketing": "on", **fields})
     assert response.status_code == 303, response.text
+
+
+async def commands(stack: Stack, topic: str, contact_id: str, count: int,
+                   timeout: float = 15.0) -> list[dict[str, Any]]:
+    """Every command for ``contact_id`` on ``topic``, once ``count`` of them are there."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        records = await read_topic(stack.settings.kafka_bootstrap_servers,
+                                   stack.settings.topic(topic), 1, timeout=2, idle=0.3)
+        mine = [m for m in values(records) if m["data"]["contact_id"] == contact_id]
+        if len(mine) >= count or asyncio.get_running_loop().time() > deadline:
+            return mine
+        await asyncio.sleep(0.2)
+
+
+async def journeys_of(stack: Stack, client: httpx.AsyncClient,
+                      contact_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"{stack.workflow}/api/contacts/{contact_id}/journeys",
+                                headers=stack.admin)
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) -> str:
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    address = f"lead.{uuid.uuid4().hex[:8]}@example.de"
+    await stack.track(client, "identify", {"userId": user_id,
+                                           "traits": {"email": address, **traits}})
+
+    async def found() -> str | None:
+        response = await stack.api(client, "GET", "/contacts", params={"user_id": user_id})
+        items = response.json()["items"]
+        return items[0]["id"] if items else None
+
+    contact_id: str = await stack.eventually(found)
+    stack.user_ids[contact_id] = user_id
+    return contact_id
 
 
 async def scoring_database(infrastructure: Infrastructure) -> str:

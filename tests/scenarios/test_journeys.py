@@ -3,57 +3,16 @@ from workflow on email-commands and crm-commands; waits advanced with the inject
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import uuid
 from datetime import timedelta
 from typing import Any
 
-import httpx
-
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
 from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 
-from .conftest import Stack, browser, submit_form
-
-
-async def commands(stack: Stack, topic: str, contact_id: str, count: int,
-                   timeout: float = 15.0) -> list[dict[str, Any]]:
-    """Every command for ``contact_id`` on ``topic``, once ``count`` of them are there."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        records = await read_topic(stack.settings.kafka_bootstrap_servers,
-                                   stack.settings.topic(topic), 1, timeout=2, idle=0.3)
-        mine = [m for m in values(records) if m["data"]["contact_id"] == contact_id]
-        if len(mine) >= count or asyncio.get_running_loop().time() > deadline:
-            return mine
-        await asyncio.sleep(0.2)
-
-
-async def journeys_of(stack: Stack, client: httpx.AsyncClient,
-                      contact_id: str) -> list[dict[str, Any]]:
-    response = await client.get(f"{stack.workflow}/api/contacts/{contact_id}/journeys",
-                                headers=stack.admin)
-    assert response.status_code == 200, response.text
-    items: list[dict[str, Any]] = response.json()["items"]
-    return items
-
-
-async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) -> str:
-    user_id = f"crm-{uuid.uuid4().hex[:8]}"
-    address = f"lead.{uuid.uuid4().hex[:8]}@example.de"
-    await stack.track(client, "identify", {"userId": user_id,
-                                           "traits": {"email": address, **traits}})
-
-    async def found() -> str | None:
-        response = await stack.api(client, "GET", "/contacts", params={"user_id": user_id})
-        items = response.json()["items"]
-        return items[0]["id"] if items else None
-
-    contact_id: str = await stack.eventually(found)
-    stack.user_ids[contact_id] = user_id
-    return contact_id
+from .conftest import Stack, browser, commands, journeys_of, known_contact, submit_form
 
 
 async def test_the_whitepaper_sequence_with_its_waits_and_the_non_opener_branch(

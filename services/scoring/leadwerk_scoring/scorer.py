@@ -376,12 +376,18 @@ class Scorer:
                 await self._merge(connection, writer, rows=rows, row=row, model=model,
                                   envelope=envelope)
             case "contact.change_requested.v1":
+                # Only known contacts are in journeys; this may arrive before the activity
+                # that identified the contact, so it identifies it too (visitor → lead).
                 row.known = True
+                await writer.transition(row, lifecycle.on_identified(row.stage), model, at,
+                                        envelope.id)
                 problem = await self._change(connection, writer, row, model, envelope, traits)
                 if problem:
                     return problem
             case "crm.lead_feedback.v1":
                 row.known = True
+                await writer.transition(row, lifecycle.on_identified(row.stage), model, at,
+                                        envelope.id)
                 try:
                     change = lifecycle.on_feedback(row.stage, str(data.get("status")),
                                                    data.get("reason"))

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from leadwerk_platform.admin import AdminGuard, Workspace
+from leadwerk_platform.conditions import parse_period
 from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
@@ -30,12 +31,15 @@ from leadwerk_workflow.engine import (
     Deps,
     Engine,
     JourneyStore,
-    TimerWorker,
     loads,
     shipped_journeys,
+    shipped_teams,
 )
 from leadwerk_workflow.metrics import WorkflowMetrics
+from leadwerk_workflow.migration import MigrationRule, migrate
 from leadwerk_workflow.settings import WorkflowSettings
+from leadwerk_workflow.timers import TimerWorker
+from leadwerk_workflow.triggers import Triggers
 
 SCHEMA = "workflow"
 
@@ -56,6 +60,7 @@ class Workflow:
         self.journeys = JourneyStore()
         self.deps: Deps | None = None
         self.engine: Engine | None = None
+        self.triggers: Triggers | None = None
         self.timers: TimerWorker | None = None
         self.relay: OutboxRelay | None = None
         self.consumer: ConsumerRuntime | None = None
@@ -65,17 +70,23 @@ class Workflow:
     async def start(self) -> None:
         pool = await create_pool(self.settings, SCHEMA, self.settings.database_pool_size)
         await self.publisher.start(wait=5.0)
-        self.deps = deps = Deps(self.settings, pool, self.publisher, self.metrics, self.clock)
+        teams = await asyncio.to_thread(shipped_teams, self.settings.config_dir)
+        self.deps = deps = Deps(self.settings, pool, self.publisher, self.metrics, self.clock,
+                                teams)
         self.engine = Engine(deps, self.journeys)
+        self.triggers = Triggers(self.engine)
         self.relay = OutboxRelay(pool, self.publisher, schema=SCHEMA, stream=OUTBOX_STREAM)
         shipped = await asyncio.to_thread(shipped_journeys, self.settings.config_dir / "journeys")
+        workspace = self.settings.default_workspace
         async with pool.acquire() as connection:
-            await self.journeys.seed(connection, self.settings.default_workspace, shipped)
-        self.timers = TimerWorker(deps, self.engine, self.relay)
+            for journey_id in await self.journeys.seed(connection, workspace, shipped,
+                                                       teams=set(teams.teams)):
+                await self.arm(connection, workspace, journey_id)
+        self.timers = TimerWorker(deps, self.engine, self.relay, self.triggers)
         self.consumer = ConsumerRuntime(
             self.settings, group_id=f"{self.settings.kafka_topic_prefix}workflow.engine",
             topics=TOPICS, handler=ContactEventHandler(deps, self.engine, self.relay,
-                                                       self.timers),
+                                                       self.triggers, self.timers),
             dead_letter_publisher=self.publisher)
         self._consumer_task = asyncio.create_task(self.consumer.run())
         self._tasks = [asyncio.create_task(self.relay.sweep()),
@@ -93,6 +104,24 @@ class Workflow:
         await self.publisher.stop()
         if self.deps is not None:
             await self.deps.pool.close()
+
+    async def arm(self, connection: asyncpg.Connection, workspace: str,
+                  journey_id: str) -> int:
+        """A journey just became active: arm its date or silence trigger for the contacts
+        already known. Returns how many timers were set."""
+        assert self.triggers is not None  # noqa: S101 - set in start
+        version = await connection.fetchval(
+            "SELECT active_version FROM journey_status WHERE workspace = $1 AND journey_id = $2 "
+            "AND status = 'active'", workspace, journey_id)
+        if version is None:
+            return 0
+        journey = await self.journeys.version(connection, workspace, journey_id, version)
+        if not journey.trigger.timed:
+            return 0
+        armed = await self.triggers.arm_all(connection, workspace, journey)
+        if self.timers is not None:
+            self.timers.wake()
+        return armed
 
     async def database_ready(self) -> bool:
         return await reachable(self.deps.pool if self.deps is not None else None)
@@ -177,9 +206,12 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
                 "versions": [{"version": r["version"], "actor": r["actor"],
                               "created_at": r["created_at"].isoformat()} for r in rows]}
 
+    def teams() -> set[str]:
+        return set(deps().teams.teams)
+
     @router.post("/journeys/validate", summary="Check a journey without storing it")
     async def validate(request: Request) -> dict[str, Any]:
-        _, problems = parse(await body_document(request))
+        _, problems = parse(await body_document(request), teams=teams())
         return {"valid": not problems, "problems": [p.to_dict() for p in problems]}
 
     @router.put("/journeys/{journey_id}", summary="Create or edit (a new version)")
@@ -187,12 +219,13 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
                           workspace: Workspace = default) -> JSONResponse:
         document = {**await body_document(request), "id": journey_id}
         document.pop("status", None)
-        journey, problems = parse(document)
+        journey, problems = parse(document, teams=teams())
         if journey is None:
             return JSONResponse({"detail": "invalid journey",
                                  "problems": [p.to_dict() for p in problems]}, status_code=422)
         async with deps().pool.acquire() as connection:
             stored = await workflow.journeys.save(connection, workspace, journey, actor="api")
+            await workflow.arm(connection, workspace, stored.id)
         return JSONResponse({"journey_id": stored.id, "version": stored.version},
                             status_code=201)
 
@@ -201,6 +234,7 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
             if not await workflow.journeys.set_status(connection, workspace, journey_id,
                                                       status):
                 raise HTTPException(404, "no such journey")
+            await workflow.arm(connection, workspace, journey_id)
         return await get_journey(journey_id, workspace)
 
     @router.post("/journeys/{journey_id}/activate", summary="New entries use the latest version")
@@ -235,6 +269,39 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
         if workflow.timers is not None:
             workflow.timers.wake()
         return {"enrollment_id": enrollment_id}
+
+    @router.post("/journeys/{journey_id}/migrate",
+                 summary="Move the contacts inside an old version to the active one")
+    async def migrate_enrollments(journey_id: str, rule: MigrationRule,
+                                  workspace: Workspace = default) -> JSONResponse:
+        async with deps().pool.acquire() as connection:
+            result = await migrate(connection, workflow.journeys, workspace, journey_id, rule,
+                                   now=workflow.clock())
+        if workflow.timers is not None:
+            workflow.timers.wake()
+        return JSONResponse(result.body, status_code=result.status)
+
+    @router.get("/teams/{team}/assignments",
+                summary="Leads and average rating per member over a period (fair routing)")
+    async def team_assignments(team: str, period: str = "30d",
+                               workspace: Workspace = default) -> dict[str, Any]:
+        members = deps().teams.members(team)
+        if not members:
+            raise HTTPException(404, "no such team (config/teams.yaml)")
+        try:
+            since = workflow.clock() - parse_period(period)
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from error
+        async with deps().pool.acquire() as connection:
+            rows = await connection.fetch(
+                "SELECT owner, count(*) AS n, avg(value) AS average FROM assignments "
+                "WHERE workspace = $1 AND pool = $2 AND at > $3 GROUP BY owner",
+                workspace, f"team:{team}", since)
+        found = {r["owner"]: r for r in rows}
+        return {"team": team, "period": period, "members": [
+            {"owner": m, "leads": found[m]["n"] if m in found else 0,
+             "average_rating": round(found[m]["average"], 3) if m in found else None}
+            for m in members]}
 
     @router.get("/journeys/{journey_id}/stats", summary="Entered, active per step, outcomes")
     async def stats(journey_id: str, workspace: Workspace = default) -> dict[str, Any]:

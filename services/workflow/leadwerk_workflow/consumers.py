@@ -8,21 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 from leadwerk_platform.conditions import all_hold
-from leadwerk_platform.envelope import InvalidMessageError
+from leadwerk_platform.envelope import Envelope, InvalidMessageError
 from leadwerk_platform.kafka.consumer import ConsumedMessage
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
+from leadwerk_workflow.domain.engine import SALES_RESPONSE, SALES_RESPONSES, ContactState
 from leadwerk_workflow.engine import (
     CONSUMER,
     OUTBOX_STREAM,
     Deps,
     Engine,
     Ref,
-    TimerWorker,
     jsonb,
+    loads,
     position_of,
-    resume_edge,
 )
+from leadwerk_workflow.timers import TimerWorker
+from leadwerk_workflow.triggers import Triggers
 
 TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq"}
 _ENROLLMENT_COLUMNS = (
@@ -31,11 +33,12 @@ _ENROLLMENT_COLUMNS = (
 
 
 class ContactEventHandler:
-    def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay,
+    def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay, triggers: Triggers,
                  timers: TimerWorker | None) -> None:
         self._deps = deps
         self._engine = engine
         self._relay = relay
+        self._triggers = triggers
         self._timers = timers
 
     async def __call__(self, message: ConsumedMessage) -> None:
@@ -52,44 +55,55 @@ class ContactEventHandler:
                 "ON CONFLICT DO NOTHING RETURNING true", CONSUMER, envelope.id)
             if not fresh:
                 return  # redelivered: its effects (and outbox rows) are already there
-            workspace = envelope.workspace
-            match envelope.type:
-                case "contact.activity.v1":
-                    await self._activity(connection, workspace, contact_id, data, outgoing)
-                case "contact.profile_changed.v1":
-                    await self._project(connection, workspace, contact_id,
-                                        traits=data.get("traits") or {})
-                    await self._goals(connection, workspace, contact_id)
-                case "contact.score_changed.v1":
-                    previous = await self._project(connection, workspace, contact_id,
-                                                   score=data.get("score"),
-                                                   grade=data.get("grade"),
-                                                   rating=data.get("rating"))
-                    await self._goals(connection, workspace, contact_id)
-                    await self._triggers(connection, workspace, contact_id, outgoing,
-                                         score=(previous.get("score"), data.get("score")))
-                case "contact.stage_changed.v1":
-                    await self._project(connection, workspace, contact_id,
-                                        stage=data.get("to_stage"))
-                    await self._goals(connection, workspace, contact_id)
-                    await self._triggers(connection, workspace, contact_id, outgoing,
-                                         stage=data.get("to_stage"))
-                case "contact.merged.v1":
-                    await self._merge(connection, workspace, str(data["survivor_id"]),
-                                      str(data["merged_id"]))
-                case "contact.erased.v1":
-                    ids = [contact_id, *[str(i) for i in data.get("merged_ids") or []]]
-                    for table in ("enrollments", "journey_history", "contact_state"):
-                        await connection.execute(
-                            f"DELETE FROM {table} WHERE workspace = $1 "  # noqa: S608
-                            "AND contact_id = ANY($2::uuid[])", workspace, ids)
-                case _:
-                    return
+            if not await self._apply(connection, envelope, contact_id, outgoing):
+                return
             await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
         if outgoing:
             self._relay.request()  # committed with the outbox rows: publishing can follow
         if self._timers is not None:
             self._timers.wake()
+
+    async def _apply(self, connection: Any, envelope: Envelope, contact_id: str,
+                     outgoing: list[OutgoingMessage]) -> bool:
+        """What the message does; ``False`` for a type the workflow ignores."""
+        workspace, data = envelope.workspace, envelope.data
+        change: dict[str, Any] | None = None
+        match envelope.type:
+            case "contact.activity.v1":
+                await self._activity(connection, workspace, contact_id, data, outgoing)
+                await self._triggers.on_activity(
+                    connection, workspace, contact_id, outgoing=outgoing,
+                    activity=(str(data.get("kind")), data.get("name"),
+                              data.get("properties") or {}),
+                    at=envelope.occurred_at, known=bool(data.get("known")))
+            case "contact.profile_changed.v1":
+                change = {"traits": data.get("traits") or {}}
+            case "contact.score_changed.v1":
+                change = {"score": data.get("score"), "grade": data.get("grade"),
+                          "rating": data.get("rating")}
+            case "contact.stage_changed.v1":
+                change = {"stage": data.get("to_stage")}
+            case "contact.merged.v1":
+                await self._merge(connection, workspace, str(data["survivor_id"]),
+                                  str(data["merged_id"]))
+            case "contact.erased.v1":
+                ids = [contact_id, *[str(i) for i in data.get("merged_ids") or []]]
+                for table in ("enrollments", "journey_history", "contact_state",
+                              "trigger_timers", "assignments"):
+                    await connection.execute(
+                        f"DELETE FROM {table} WHERE workspace = $1 "  # noqa: S608
+                        "AND contact_id = ANY($2::uuid[])", workspace, ids)
+            case _:
+                return False
+        if change is not None:
+            before, after = await self._project(connection, workspace, contact_id,
+                                                **change)
+            await self._goals(connection, workspace, contact_id)
+            if after.stage != before.stage and after.stage in SALES_RESPONSES:
+                await self._sales_responded(connection, workspace, contact_id,
+                                            str(after.stage), outgoing)
+            await self._triggers.on_change(connection, workspace, before, after, outgoing)
+        return True
 
     async def _activity(self, connection: Any, workspace: str, contact_id: str,
                         data: dict[str, Any], outgoing: list[OutgoingMessage]) -> None:
@@ -110,11 +124,23 @@ class ContactEventHandler:
             event = getattr(step, "event", None)
             if row["waiting_for"] == kind and event is not None and \
                     event.matches(kind, name, properties):
-                await self._engine.run(connection, ref, position_of(row),
-                                       via=resume_edge(journey, row["step"], timed_out=False),
+                await self._engine.run(connection, ref, position_of(row), via="on_event",
                                        outgoing=outgoing)
-        await self._triggers(connection, workspace, contact_id, outgoing,
-                             activity=(kind, name, properties))
+
+    async def _sales_responded(self, connection: Any, workspace: str, contact_id: str,
+                               stage: str, outgoing: list[OutgoingMessage]) -> None:
+        """Sales set a stage: hand-offs waiting on their SLA go on."""
+        rows = await connection.fetch(
+            f"SELECT {_ENROLLMENT_COLUMNS} FROM enrollments WHERE workspace = $1 "  # noqa: S608
+            "AND contact_id = $2 AND state = 'active' AND waiting_for = $3 FOR UPDATE",
+            workspace, contact_id, SALES_RESPONSE)
+        for row in rows:
+            journey = await self._engine.journeys.version(connection, workspace,
+                                                          row["journey_id"], row["version"])
+            await self._engine.run(connection, Ref(row["enrollment_id"], workspace, journey,
+                                                   contact_id),
+                                   position_of(row), via="next", outgoing=outgoing,
+                                   note=f"stage {stage}")
 
     async def _goals(self, connection: Any, workspace: str, contact_id: str) -> None:
         """Leave every journey whose goal the contact now meets, wherever it is."""
@@ -132,35 +158,9 @@ class ContactEventHandler:
                     connection, Ref(row["enrollment_id"], workspace, journey, contact_id),
                     row["step"], "goal reached")
 
-    async def _triggers(self, connection: Any, workspace: str, contact_id: str,
-                        outgoing: list[OutgoingMessage], *,
-                        activity: tuple[str, Any, dict[str, Any]] | None = None,
-                        stage: str | None = None,
-                        score: tuple[Any, Any] | None = None) -> None:
-        for journey in await self._engine.journeys.active(connection, workspace):
-            trigger = journey.trigger
-            reason = None
-            if activity is not None and trigger.event is not None and \
-                    trigger.event.matches(*activity):
-                reason = f"event {activity[0]} {activity[1] or ''}".strip()
-            elif activity is not None and trigger.form is not None and \
-                    activity[0] == "form_submitted" and \
-                    activity[2].get("form_id") == trigger.form:
-                reason = f"form {trigger.form}"
-            elif stage is not None and trigger.stage == stage:
-                reason = f"stage became {stage}"
-            elif score is not None and trigger.score_at_least is not None:
-                before, after = score
-                if isinstance(after, int | float) and after >= trigger.score_at_least and \
-                        (before is None or before < trigger.score_at_least):
-                    reason = f"score reached {after:g}"
-            if reason is not None:
-                await self._engine.enroll(connection, workspace, journey, contact_id,
-                                          reason=reason, outgoing=outgoing)
-
     async def _project(self, connection: Any, workspace: str, contact_id: str,
-                       **values: Any) -> dict[str, Any]:
-        """Update the workflow's picture of the contact; return the previous one."""
+                       **values: Any) -> tuple[ContactState, ContactState]:
+        """Update the workflow's picture of the contact; return it before and after."""
         previous = await connection.fetchrow(
             "SELECT traits, score, grade, rating, stage FROM contact_state "
             "WHERE workspace = $1 AND contact_id = $2 FOR UPDATE", workspace, contact_id)
@@ -177,21 +177,32 @@ class ContactEventHandler:
             "stage = EXCLUDED.stage, updated_at = now()",
             workspace, contact_id, merged["traits"], merged["score"], merged["grade"],
             merged["rating"], merged["stage"])
-        return current
+        return _state(contact_id, current), _state(contact_id, merged)
 
     async def _merge(self, connection: Any, workspace: str, survivor: str, merged: str) -> None:
-        """Enrollments follow the surviving contact; where both are in the same journey, the
-        survivor's enrollment stays and the other one exits."""
+        """Enrollments, trigger timers and assignments follow the surviving contact; where
+        both are in the same journey, the survivor's enrollment (and timer) stays and the
+        other one exits."""
         await connection.execute(
             "UPDATE enrollments SET state = 'exited', due_at = NULL, ended_at = now(), "
             "end_reason = 'merged into ' || $3 WHERE workspace = $1 AND contact_id = $2 "
             "AND state = 'active' AND journey_id IN (SELECT journey_id FROM enrollments "
             "WHERE workspace = $1 AND contact_id = $3 AND state = 'active')",
             workspace, merged, survivor)
-        for table in ("enrollments", "journey_history"):
+        await connection.execute(
+            "DELETE FROM trigger_timers WHERE workspace = $1 AND contact_id = $2 AND journey_id "
+            "IN (SELECT journey_id FROM trigger_timers WHERE workspace = $1 AND contact_id = $3)",
+            workspace, merged, survivor)
+        for table in ("enrollments", "journey_history", "trigger_timers", "assignments"):
             await connection.execute(
                 f"UPDATE {table} SET contact_id = $3 "  # noqa: S608 - fixed names
                 "WHERE workspace = $1 AND contact_id = $2", workspace, merged, survivor)
         await connection.execute(
             "DELETE FROM contact_state WHERE workspace = $1 AND contact_id = $2",
             workspace, merged)
+
+
+def _state(contact_id: str, row: dict[str, Any]) -> ContactState:
+    traits = loads(row["traits"])
+    return ContactState(contact_id, traits if isinstance(traits, dict) else {}, row["score"],
+                        row["grade"], row["rating"], row["stage"])

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,29 +23,30 @@ import yaml
 from leadwerk_platform.conditions import parse_period
 from leadwerk_platform.envelope import Envelope, encode, format_timestamp
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
-from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
-from leadwerk_platform.timers import DueTimer
 from leadwerk_workflow.domain.engine import (
     Command,
     ContactState,
     EmailCap,
+    Load,
     Outcome,
     Position,
     advance,
+    fair_choice,
+    rating_value,
     territory_owner,
 )
 from leadwerk_workflow.domain.journey import (
     AdjustScoreStep,
+    AssignOwnerStep,
     ChangeStageStep,
+    HandoffStep,
     Journey,
     SendEmailStep,
     SetTraitStep,
     TagStep,
-    WaitForStep,
-    WaitStep,
-    WaitWindowStep,
     parse,
 )
+from leadwerk_workflow.domain.teams import Teams
 from leadwerk_workflow.metrics import WorkflowMetrics
 from leadwerk_workflow.settings import WorkflowSettings
 
@@ -73,6 +74,7 @@ class Deps:
     publisher: Publisher
     metrics: WorkflowMetrics
     clock: Callable[[], datetime]
+    teams: Teams = field(default_factory=Teams)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ def shipped_journeys(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     """``config/journeys/*.yaml``: (file name, document) in name order."""
     return [(path.name, yaml.safe_load(path.read_text()) or {})
             for path in sorted(folder.glob("*.yaml"))]
+
+
+def shipped_teams(config_dir: Path) -> Teams:
+    """``config/teams.yaml`` (optional): sales teams, partners and their managers."""
+    path = config_dir / "teams.yaml"
+    return Teams.from_document(yaml.safe_load(path.read_text()) if path.exists() else None)
 
 
 class JourneyStore:
@@ -168,14 +176,15 @@ class JourneyStore:
         return result.endswith(" 1")
 
     async def seed(self, connection: Connection, workspace: str,
-                   shipped: list[tuple[str, dict[str, Any]]]) -> list[str]:
+                   shipped: list[tuple[str, dict[str, Any]]], *,
+                   teams: set[str] | None = None) -> list[str]:
         """Shipped journeys that the database does not know yet are stored as version 1,
         active unless the file says ``status: draft``."""
         seeded = []
         for name, original in shipped:
             document = dict(original)
             status = document.pop("status", "active")
-            journey, problems = parse(document)
+            journey, problems = parse(document, teams=teams)
             if journey is None:
                 raise ValueError(f"{name}: " + "; ".join(f"{p.location}: {p.message}"
                                                          for p in problems))
@@ -195,6 +204,12 @@ class Engine:
     def __init__(self, deps: Deps, journeys: JourneyStore) -> None:
         self._deps = deps
         self.journeys = journeys
+
+    def now(self) -> datetime:
+        return self._deps.clock()
+
+    def count_timer(self, outcome: str) -> None:
+        self._deps.metrics.timers.labels(outcome).inc()
 
     async def contact(self, connection: Connection, workspace: str,
                       contact_id: str) -> ContactState:
@@ -235,7 +250,9 @@ class Engine:
 
     async def run(self, connection: Connection, ref: Ref, position: Position, *,
                   via: str | None, outgoing: list[OutgoingMessage],
-                  suppress: bool = False) -> Outcome:
+                  suppress: bool = False, note: str | None = None) -> Outcome:
+        """Move the enrollment on (``via``: the edge out of its resting step, ``None`` from
+        the start); ``note`` tells why it resumed when the edge alone does not."""
         now = self._deps.clock()
         contact = await self.contact(connection, ref.workspace, ref.contact_id)
         outcome = advance(ref.journey, position, contact, now, enrollment_id=ref.enrollment_id,
@@ -250,16 +267,19 @@ class Engine:
             "WHERE enrollment_id = $1",
             ref.enrollment_id, moved.step, moved.due_at if moved.state == "active" else None,
             moved.waiting_for, moved.state, jsonb(moved.visits), jsonb(moved.branches), now)
+        resting = ref.journey.step(position.step) if position.step else None
         resumed = {"on_event": [(position.step, "event", f"{position.waiting_for} arrived")],
-                   "on_timeout": [(position.step, "timeout", "no matching event in time")]}
-        await self._history(connection, ref, [
-            *resumed.get(via or "", []),
-            *((e.step_id, e.action, e.reason) for e in outcome.history)], now)
-        for entry in outcome.history:
-            self._deps.metrics.steps.labels(entry.action).inc()
+                   "on_timeout": [(position.step, "timeout", "no matching event in time")],
+                   "on_breach": [(position.step, "sla_breached",
+                                  "sales did not respond within "
+                                  f"{getattr(getattr(resting, 'sla', None), 'within', '?')}")]}
+        if isinstance(resting, HandoffStep) and via == "next":
+            resumed["next"] = [(position.step, "sales_responded", note or "")]
+        owners: dict[str, str] = {}  # assign step → "owner (why)"
         for command in outcome.commands:
             if command.kind == "assign":
-                owner = await self._assign(connection, ref, command, contact, now)
+                owner, why = await self._assign(connection, ref, command, contact, now)
+                owners[command.step_id] = f"{owner} ({why})"
                 outgoing.append(self._command(
                     Command("contact", command.step_id, command.visit,
                             SetTraitStep(type="set_trait", traits={"owner": owner},
@@ -267,30 +287,56 @@ class Engine:
             else:
                 outgoing.append(self._command(command, ref, contact, now))
             self._deps.metrics.commands.labels(command.kind).inc()
+        entries = list(resumed.get(via or "", []))
+        for e in outcome.history:
+            entries.append((e.step_id, e.action, e.reason))
+            if e.action == "assign" and e.step_id in owners:
+                entries.append((e.step_id, "owner", owners[e.step_id]))
+            self._deps.metrics.steps.labels(e.action).inc()
+        await self._history(connection, ref, entries, now)
         return outcome
 
     async def _assign(self, connection: Connection, ref: Ref, command: Command,
-                      contact: ContactState, now: datetime) -> str:
+                      contact: ContactState, now: datetime) -> tuple[str, str]:
         """Choose the owner (territory, else strategy), remember it for the steps that follow
-        in this run, and record why."""
-        step = command.step
+        in this run and record it for fair distribution; the owner and why."""
+        step: AssignOwnerStep = command.step
+        pool = f"team:{step.team}" if step.team else f"{ref.journey.id}:{command.step_id}"
+        reps = self._deps.teams.members(step.team) if step.team else list(step.reps)
+        current = contact.traits.get("owner")
+        if step.exclude_current and len(reps) > 1:
+            reps = [rep for rep in reps if rep != current]
         owner = territory_owner(step, contact)
         reason = "territory"
-        if owner is None and step.strategy == "round_robin":
+        if owner is None and step.strategy != "fixed" and not reps:
+            owner, reason = current, f"team {step.team} has no members: owner kept"
+        elif owner is None and step.strategy == "round_robin":
             turn = await connection.fetchval(
                 "INSERT INTO routing_state (workspace, pool, counter) VALUES ($1, $2, 1) "
                 "ON CONFLICT (workspace, pool) DO UPDATE SET counter = routing_state.counter + 1 "
-                "RETURNING counter", ref.workspace, f"{ref.journey.id}:{command.step_id}")
-            owner, reason = step.reps[(turn - 1) % len(step.reps)], f"round robin, turn {turn}"
+                "RETURNING counter", ref.workspace, pool)
+            owner, reason = reps[(turn - 1) % len(reps)], f"round robin, turn {turn}"
+        elif owner is None and step.strategy == "fair":
+            # One assignment per pool at a time: concurrent ones would see the same counts.
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                     f"assign:{ref.workspace}:{pool}")
+            rows = await connection.fetch(
+                "SELECT owner, count(*) AS n, sum(value) AS total FROM assignments "
+                "WHERE workspace = $1 AND pool = $2 AND at > $3 GROUP BY owner",
+                ref.workspace, pool, now - parse_period(step.period))
+            loads_ = {r["owner"]: Load(r["n"], r["total"]) for r in rows}
+            owner, reason = fair_choice(reps, loads_, rating_value(contact.rating))
         elif owner is None:
             owner, reason = step.owner, "fixed"
+        await connection.execute(
+            "INSERT INTO assignments (workspace, pool, owner, contact_id, rating, value, at) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7)", ref.workspace, pool, owner, ref.contact_id,
+            contact.rating, rating_value(contact.rating), now)
         contact.traits["owner"] = owner
         await connection.execute(
             "UPDATE contact_state SET traits = traits || jsonb_build_object('owner', $3::text) "
             "WHERE workspace = $1 AND contact_id = $2", ref.workspace, ref.contact_id, owner)
-        await self._history(connection, ref, [(command.step_id, "owner", f"{owner} ({reason})")],
-                            now)
-        return str(owner)
+        return str(owner), reason
 
     async def _cap(self, connection: Connection, ref: Ref, now: datetime) -> EmailCap | None:
         settings = self._deps.settings
@@ -359,7 +405,9 @@ class Engine:
             event_type, topic = "email.send_requested.v1", "email-commands"
             stale = parse_period(journey.settings.stale_after)
             if command.kind == "notify":
-                to = contact.traits.get("owner") if step.to == "owner" else step.to
+                owner = contact.traits.get("owner")
+                to = owner if step.to == "owner" else self._deps.teams.manager_of(owner) \
+                    if step.to == "manager" else step.to
                 sender, kind = {"kind": "default"}, "internal"
             else:
                 to = contact.traits.get("email")
@@ -377,70 +425,6 @@ class Engine:
                                f"{workspace}:{contact.contact_id}".encode(), encode(envelope))
 
 
-def resume_edge(journey: Journey, step_id: str, *, timed_out: bool) -> str:
-    step = journey.step(step_id)
-    if isinstance(step, WaitStep | WaitWindowStep):
-        return "next"
-    if isinstance(step, SendEmailStep):
-        return "self"  # a send the frequency cap or quiet hours delayed
-    if isinstance(step, WaitForStep):
-        return "on_timeout" if timed_out else "on_event"
-    msg = f"step {step_id} of {journey.id} does not rest"
-    raise ValueError(msg)
-
-
 def position_of(row: Any) -> Position:
     return Position(step=row["step"], due_at=row["due_at"], waiting_for=row["waiting_for"],
                     visits=loads(row["visits"]), branches=loads(row["branches"]))
-
-
-class TimerWorker(DueTimer):
-    """Fires due timers. Several processes can run it: ``FOR UPDATE SKIP LOCKED`` hands each
-    due enrollment to one of them, and the move happens in the transaction holding the lock,
-    so each timer fires once. Sleeps until the earliest due time (or until woken)."""
-
-    def __init__(self, deps: Deps, engine: Engine, relay: OutboxRelay,
-                 max_sleep: float = 60.0) -> None:
-        super().__init__(deps.clock, batch=deps.settings.timer_batch, max_sleep=max_sleep)
-        self._deps = deps
-        self._engine = engine
-        self._relay = relay
-
-    async def next_due(self) -> datetime | None:
-        async with self._deps.pool.acquire() as connection:
-            due: datetime | None = await connection.fetchval(
-                "SELECT min(due_at) FROM enrollments WHERE state = 'active' "
-                "AND due_at IS NOT NULL")
-        return due
-
-    async def run_due(self) -> int:
-        """Handle up to one batch of due timers; return how many."""
-        now = self._deps.clock()
-        outgoing: list[OutgoingMessage] = []
-        async with self._deps.pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(
-                "SELECT enrollment_id::text AS enrollment_id, workspace, journey_id, version, "
-                "contact_id::text AS contact_id, step, due_at, waiting_for, visits, branches "
-                "FROM enrollments WHERE state = 'active' AND due_at <= $1 ORDER BY due_at "
-                "LIMIT $2 FOR UPDATE SKIP LOCKED", now, self._deps.settings.timer_batch)
-            for row in rows:
-                journey = await self._engine.journeys.version(
-                    connection, row["workspace"], row["journey_id"], row["version"])
-                late = now - row["due_at"] > parse_period(journey.settings.stale_after)
-                policy = journey.settings.stale_policy if late else "run"
-                ref = Ref(row["enrollment_id"], row["workspace"], journey, row["contact_id"])
-                if policy == "end":
-                    await self._engine.exit(connection, ref, row["step"],
-                                            "stale after an outage")
-                    self._deps.metrics.timers.labels("ended_stale").inc()
-                    continue
-                await self._engine.run(
-                    connection, ref, position_of(row),
-                    via=resume_edge(journey, row["step"], timed_out=True), outgoing=outgoing,
-                    suppress=policy == "skip")
-                self._deps.metrics.timers.labels("skipped_stale" if policy == "skip"
-                                                  else "fired").inc()
-            await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
-        if outgoing:
-            self._relay.request()  # committed with the outbox rows: publishing can follow
-        return len(rows)

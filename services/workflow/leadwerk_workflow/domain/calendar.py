@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from leadwerk_workflow.domain.journey import WEEKDAYS, QuietHours, Window
@@ -54,3 +54,35 @@ def quiet_until(now: datetime, quiet: QuietHours, tz: ZoneInfo) -> datetime | No
         return None
     day = local.date() if moment < end else local.date() + timedelta(days=1)
     return datetime.combine(day, end, tzinfo=tz).astimezone(UTC)
+
+
+def business_deadline(start: datetime, duration: timedelta, window: Window | None,
+                      tz: ZoneInfo) -> datetime:
+    """``start`` plus ``duration`` counted only inside ``window`` (around the clock when
+    ``None``): one business hour from Friday 16:30 is Monday 09:30."""
+    if window is None:
+        return start + duration
+    remaining, moment = duration, start
+    while True:
+        moment = next_in_window(moment, window, tz)
+        local = moment.astimezone(tz)
+        closes = datetime.combine(local.date(), _at(window.end), tzinfo=tz).astimezone(UTC)
+        if moment + remaining <= closes:
+            return moment + remaining
+        remaining -= closes - moment
+        moment = closes
+
+
+def date_value(value: object, at: str, tz: ZoneInfo) -> datetime | None:
+    """A date trait as a moment (UTC): ``2026-12-01`` is ``at`` o'clock that day in ``tz``;
+    an ISO timestamp without a zone is UTC. ``None`` for anything else."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        if len(value) == len("YYYY-MM-DD"):
+            return datetime.combine(date.fromisoformat(value), _at(at),
+                                    tzinfo=tz).astimezone(UTC)
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)

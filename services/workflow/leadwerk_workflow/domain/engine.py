@@ -8,12 +8,18 @@ outbox in the same transaction.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from leadwerk_platform.conditions import all_hold, parse_period
-from leadwerk_workflow.domain.calendar import next_in_window, quiet_until, zone
+from leadwerk_workflow.domain.calendar import (
+    business_deadline,
+    next_in_window,
+    quiet_until,
+    zone,
+)
 from leadwerk_workflow.domain.journey import (
     CONTACT_CHANGES,
     AdjustScoreStep,
@@ -36,6 +42,10 @@ from leadwerk_workflow.domain.journey import (
 )
 
 _MAX_STEPS = 200  # validation forbids loops without a wait; this is a second fence
+#: Stages only sales sets (CRM feedback or a person): each answers a hand-off's SLA.
+SALES_RESPONSES = frozenset({"sal", "sql", "customer", "recycled", "disqualified"})
+#: What a hand-off with an SLA waits for (``Position.waiting_for``).
+SALES_RESPONSE = "sales_response"
 
 
 @dataclass
@@ -161,17 +171,9 @@ def advance(journey: Journey, position: Position, contact: ContactState, now: da
             case (SendEmailStep() | NotifyStep() | HandoffStep() | ChangeStageStep()
                   | AdjustScoreStep() | SetTraitStep() | TagStep() | WebhookStep()
                   | AssignOwnerStep()):
-                quiet = journey.settings.quiet_hours
-                hold = quiet_until(now, quiet, zone(contact.traits.get("timezone"))) \
-                    if quiet is not None and isinstance(step, SendEmailStep) \
-                    and not step.transactional and not suppress else None
-                if hold is not None:
-                    history.append(Entry(current, "quiet_hours",
-                                         f"delayed until {hold.isoformat()}"))
-                    outcome.position.step, outcome.position.due_at = current, hold
-                    return outcome
-                if _effect(step, current, visit, outcome, now, suppress=suppress, cap=cap):
-                    return outcome  # delayed by the frequency cap: rests at this step
+                if _act(journey, step, outcome, contact, current=current, visit=visit,
+                        now=now, suppress=suppress, cap=cap):
+                    return outcome  # rests at this step
                 current = step.next
             case EndStep():
                 history.append(Entry(current, "end", "journey complete"))
@@ -187,8 +189,38 @@ def _entry_step(journey: Journey, position: Position, via: str | None) -> str:
     assert position.step is not None  # noqa: S101 - only resting enrollments resume
     if via == "self":
         return position.step
-    target: str = getattr(journey.step(position.step), via)
+    step = journey.step(position.step)
+    if via == "on_breach":  # a hand-off's SLA passed: escalate, or go on without escalation
+        return str(step.sla.on_breach or step.next)
+    target: str = getattr(step, via)
     return target
+
+
+def _act(journey: Journey, step: Any, outcome: Outcome, contact: ContactState, *,
+         current: str, visit: int, now: datetime, suppress: bool,
+         cap: EmailCap | None) -> bool:
+    """Run a step with an effect; ``True`` when the enrollment rests at it (quiet hours,
+    the frequency cap, a hand-off waiting on its SLA)."""
+    history, quiet = outcome.history, journey.settings.quiet_hours
+    hold = quiet_until(now, quiet, zone(contact.traits.get("timezone"))) \
+        if quiet is not None and isinstance(step, SendEmailStep) \
+        and not step.transactional and not suppress else None
+    if hold is not None:
+        history.append(Entry(current, "quiet_hours", f"delayed until {hold.isoformat()}"))
+        outcome.position.step, outcome.position.due_at = current, hold
+        return True
+    if _effect(step, current, visit, outcome, now, suppress=suppress, cap=cap):
+        return True  # delayed by the frequency cap
+    if isinstance(step, HandoffStep) and step.sla is not None and not suppress:
+        sla = step.sla
+        due = business_deadline(now, parse_period(sla.within), sla.business_hours,
+                                zone(sla.timezone))
+        history.append(Entry(current, "sla", f"sales to respond by {due.isoformat()} "
+                                             f"({sla.within})"))
+        outcome.position.step, outcome.position.due_at = current, due
+        outcome.position.waiting_for = SALES_RESPONSE
+        return True
+    return False
 
 
 def _effect(step: Any, current: str, visit: int, outcome: Outcome, now: datetime, *,
@@ -239,3 +271,46 @@ def territory_owner(step: AssignOwnerStep, contact: ContactState) -> str | None:
         if all_hold(territory.when, contact.values()):
             return territory.owner
     return None
+
+
+#: Points of a grade letter in a rating such as "B1" (the digit is the engagement band).
+_GRADE_POINTS = {"A": 4, "B": 3, "C": 2, "D": 1}
+
+
+def rating_value(rating: str | None) -> float:
+    """A rating as a number to average: grade points plus the band above 1 (A3 = 6, D1 = 1);
+    0 without a rating."""
+    if not rating:
+        return 0.0
+    band = int(rating[1:]) if rating[1:].isdigit() else 1
+    return float(_GRADE_POINTS.get(rating[0].upper(), 0) + max(band - 1, 0))
+
+
+@dataclass(frozen=True)
+class Load:
+    """A rep's leads over the fairness period: how many, and the sum of their rating values."""
+
+    count: int = 0
+    total: float = 0.0
+
+
+def fair_choice(reps: Sequence[str], loads: Mapping[str, Load], value: float) -> tuple[str, str]:
+    """The rep to give a lead of rating ``value``, and why. Counts first: only the reps with
+    the fewest leads are eligible. Among them a lead at or above the overall average goes to
+    the rep whose leads have been weakest, a lead below it to the one whose leads have been
+    strongest, so both the numbers and the average ratings converge. Ties: the order of
+    ``reps``."""
+    counts = {rep: loads.get(rep, Load()).count for rep in reps}
+    fewest = min(counts.values())
+    eligible = [rep for rep in reps if counts[rep] == fewest]
+    assigned = sum(counts.values())
+    overall = sum(loads.get(rep, Load()).total for rep in reps) / assigned if assigned else value
+
+    def average(rep: str) -> float:
+        load = loads.get(rep, Load())
+        return load.total / load.count if load.count else overall
+
+    chosen = (min if value >= overall else max)(eligible, key=average)
+    return chosen, (f"fair: {fewest} leads in the period (fewest of {len(reps)}), "
+                    f"average rating {average(chosen):.2f} against {overall:.2f} overall, "
+                    f"this lead {value:g}")

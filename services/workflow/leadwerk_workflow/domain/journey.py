@@ -28,6 +28,10 @@ def _duration(value: str) -> str:
     return value
 
 
+def _optional_duration(value: str | None) -> str | None:
+    return None if value is None else _duration(value)
+
+
 class EventMatch(_Strict):
     """Matches a contact activity: its kind (``page``, ``track``, ``email_opened`` …), the
     track event's or page's name, and conditions on its flattened properties."""
@@ -44,23 +48,64 @@ class EventMatch(_Strict):
         return all_hold(self.where, properties)
 
 
+class DateTrigger(_Strict):
+    """Enter at a date the contact carries as a trait (e.g. ``trial_end``), shifted ``before``
+    or ``after`` it. A date without a time means ``at`` o'clock in the contact's time zone."""
+
+    trait: str
+    before: str | None = None
+    after: str | None = None
+    at: str = "09:00"
+    _check = field_validator("before", "after")(_optional_duration)
+
+    @model_validator(mode="after")
+    def _one_shift(self) -> DateTrigger:
+        _clock_time(self.at)
+        if self.before is not None and self.after is not None:
+            raise ValueError("a date trigger shifts either before or after the date")
+        return self
+
+    @property
+    def shift(self) -> timedelta:
+        if self.before is not None:
+            return -parse_period(self.before)
+        return parse_period(self.after) if self.after is not None else timedelta(0)
+
+
+TRIGGERS = ("event", "form", "stage", "score_at_least", "segment", "date", "inactive_for")
+
+
 class Trigger(_Strict):
-    """Exactly one of: an event, a form, a stage change, a score threshold, manual only."""
+    """Exactly one of: an event, a form, a stage change, a score threshold, a segment-style
+    condition on the contact becoming true, a date trait, a silence of the contact for a
+    duration (``inactive_for``), or manual enrollment only."""
 
     event: EventMatch | None = None
     form: str | None = None  # form id (a form_submitted activity)
     stage: str | None = None  # the stage the contact moved to
     score_at_least: float | None = None  # crossing this score upwards
+    #: Conditions on the contact (traits, score, grade, rating, stage) that become true.
+    segment: dict[str, Condition] | None = Field(None, min_length=1)
+    date: DateTrigger | None = None
+    #: No activity of the contact's own (visits, events, opens, clicks, forms) for this long.
+    inactive_for: str | None = None
     manual: bool = False
+
+    _inactive = field_validator("inactive_for")(_optional_duration)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Trigger:
-        chosen = [name for name in ("event", "form", "stage", "score_at_least")
+        chosen = [name for name in TRIGGERS
                   if getattr(self, name) is not None] + (["manual"] if self.manual else [])
         if len(chosen) != 1:
-            raise ValueError("a trigger names exactly one of event, form, stage, "
-                             f"score_at_least, manual (got {', '.join(chosen) or 'none'})")
+            raise ValueError(f"a trigger names exactly one of {', '.join(TRIGGERS)}, manual "
+                             f"(got {', '.join(chosen) or 'none'})")
         return self
+
+    @property
+    def timed(self) -> bool:
+        """Date and silence triggers fire from durable timers, not from a message."""
+        return self.date is not None or self.inactive_for is not None
 
 
 class Sender(_Strict):
@@ -163,15 +208,35 @@ class SendEmailStep(_Strict):
 
 
 class NotifyStep(_Strict):
+    """An internal alert: to the contact's ``owner``, the owner's ``manager`` (from the
+    teams configuration) or an address."""
+
     type: Literal["notify"]
     template: str
-    to: str = "owner"  # "owner" or an address
+    to: str = "owner"
     next: str
 
 
+class Sla(_Strict):
+    """Speed to lead: sales should respond within ``within``, counted in ``business_hours``
+    (the sales team's window in ``timezone``; ``null`` counts around the clock). A response
+    is a stage sales sets (accepted, qualified, won, rejected …). Without one in time the
+    enrollment goes to ``on_breach`` (escalation steps), or on to ``next`` when none is set."""
+
+    within: str = "1h"
+    business_hours: Window | None = Field(default_factory=Window)
+    timezone: str = "Europe/Berlin"
+    on_breach: str | None = None
+    _check = field_validator("within")(_duration)
+
+
 class HandoffStep(_Strict):
+    """Hand the contact to sales (a CRM command) and start the speed-to-lead clock; the
+    enrollment rests here until sales responds or the SLA passes (``sla: null``: go on)."""
+
     type: Literal["handoff"]
     reason: str = "hand-off to sales"
+    sla: Sla | None = Field(default_factory=Sla)
     next: str
 
 
@@ -224,22 +289,32 @@ class Territory(_Strict):
 
 class AssignOwnerStep(_Strict):
     """Give the contact an owner: the first matching territory rule, else the strategy
-    (``fixed``: ``owner``; ``round_robin``: the next of ``reps``). The owner becomes the
-    contact's ``owner`` trait (through scoring) and the sender of owner mails."""
+    (``fixed``: ``owner``; ``round_robin``: the next of the reps; ``fair``: the rep with the
+    fewest leads over ``period``, and among those the one whose average rating this lead
+    balances best). The reps are ``reps`` or the members of ``team`` (teams configuration:
+    sales reps or partners). ``exclude_current`` skips the present owner (reassignment).
+    The owner becomes the contact's ``owner`` trait (through scoring) and the sender of owner
+    mails."""
 
     type: Literal["assign_owner"]
     territories: list[Territory] = Field(default_factory=list)
-    strategy: Literal["fixed", "round_robin"] = "fixed"
+    strategy: Literal["fixed", "round_robin", "fair"] = "fixed"
     owner: str | None = None
     reps: list[str] = Field(default_factory=list)
+    team: str | None = None
+    period: str = "30d"
+    exclude_current: bool = False
     next: str
+    _check = field_validator("period")(_duration)
 
     @model_validator(mode="after")
     def _complete(self) -> AssignOwnerStep:
         if self.strategy == "fixed" and not self.owner:
             raise ValueError("a fixed assignment needs an owner")
-        if self.strategy == "round_robin" and not self.reps:
-            raise ValueError("round_robin needs reps")
+        if self.strategy != "fixed" and not self.reps and not self.team:
+            raise ValueError(f"{self.strategy} needs reps or a team")
+        if self.reps and self.team:
+            raise ValueError("name either reps or a team, not both")
         return self
 
 
@@ -253,9 +328,14 @@ Step = Annotated[WaitStep | WaitWindowStep | WaitForStep | ConditionStep | Split
                  Field(discriminator="type")]
 #: Steps that ask scoring to change the contact (through ``contact-commands``).
 CONTACT_CHANGES = (ChangeStageStep, AdjustScoreStep, SetTraitStep, TagStep)
-#: Steps that always rest. A ``wait_window`` does not count: inside its window it goes on at
-#: once, so a loop through it alone could spin.
-WAITING = (WaitStep, WaitForStep)
+
+
+def rests(step: Any) -> bool:
+    """Steps that always rest: waits, waits for an event, hand-offs with an SLA. A
+    ``wait_window`` does not count: inside its window it goes on at once, so a loop through
+    it alone could spin."""
+    return isinstance(step, WaitStep | WaitForStep) or (
+        isinstance(step, HandoffStep) and step.sla is not None)
 
 
 class Settings(_Strict):
@@ -313,6 +393,8 @@ def successors(step: Any) -> Iterator[tuple[str, str]]:
         target = getattr(step, name, None)
         if target is not None:
             yield name, target
+    if isinstance(step, HandoffStep) and step.sla is not None and step.sla.on_breach:
+        yield "sla.on_breach", step.sla.on_breach
     if isinstance(step, ConditionStep):
         yield "else", step.otherwise
     if isinstance(step, SplitStep):
@@ -320,19 +402,21 @@ def successors(step: Any) -> Iterator[tuple[str, str]]:
             yield f"branches.{index}.next", branch.next
 
 
-def parse(document: Mapping[str, Any],
-          templates: set[str] | None = None) -> tuple[Journey | None, list[Problem]]:
-    """Parse and validate; the journey only when there is no problem at all."""
+def parse(document: Mapping[str, Any], templates: set[str] | None = None,
+          teams: set[str] | None = None) -> tuple[Journey | None, list[Problem]]:
+    """Parse and validate; the journey only when there is no problem at all. ``templates``
+    and ``teams``, when known, are the names steps may refer to."""
     try:
         journey = Journey.model_validate(document)
     except ValidationError as error:
         return None, [Problem(".".join(str(p) for p in e["loc"]) or "(document)", e["msg"])
                       for e in error.errors()]
-    problems = check(journey, templates)
+    problems = check(journey, templates, teams)
     return (None if problems else journey), problems
 
 
-def check(journey: Journey, templates: set[str] | None = None) -> list[Problem]:
+def check(journey: Journey, templates: set[str] | None = None,
+          teams: set[str] | None = None) -> list[Problem]:
     problems: list[Problem] = []
     if journey.start not in journey.steps:
         problems.append(Problem("start", f"unknown step {journey.start!r}"))
@@ -348,6 +432,9 @@ def check(journey: Journey, templates: set[str] | None = None) -> list[Problem]:
                 and step.template not in templates:
             problems.append(Problem(f"steps.{step_id}.template",
                                     f"missing template {step.template!r}"))
+        if teams is not None and isinstance(step, AssignOwnerStep) and step.team \
+                and step.team not in teams:
+            problems.append(Problem(f"steps.{step_id}.team", f"unknown team {step.team!r}"))
     if problems:
         return problems
     reachable = _reachable(journey)
@@ -374,7 +461,7 @@ def _reachable(journey: Journey) -> set[str]:
 
 def _cycle_without_wait(journey: Journey) -> list[str] | None:
     """A loop through immediate steps only would run forever in one go."""
-    immediate = {s for s, step in journey.steps.items() if not isinstance(step, WAITING)}
+    immediate = {s for s, step in journey.steps.items() if not rests(step)}
     state: dict[str, int] = {}
     path: list[str] = []
 
