@@ -54,8 +54,10 @@ async def test_anonymous_visits_then_a_form_make_one_contact_with_the_whole_hist
         await submit_form(stack, client, device, address)
 
         async def contact() -> dict[str, Any] | None:
+            # The stitcher's part (identity, timeline) and the scorer's (score, stage) arrive
+            # separately: wait for both.
             found = await find(stack, client, email=address)
-            if found is None or found["score"] < 20 or \
+            if found is None or found["score"] < 20 or found["stage"] == "visitor" or \
                     len(await timeline(stack, client, found["id"])) < 5:
                 return None
             return found
