@@ -56,6 +56,8 @@ def activity_properties(kind: str, data: dict[str, Any]) -> dict[str, Any]:
         value = data.get(name)
         if isinstance(value, dict):
             view.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and name == "consents":
+            view["consents"] = value  # the mailer's consent log reads them as given
     context = data.get("context")
     page = context.get("page") if isinstance(context, dict) else None
     if isinstance(page, dict):

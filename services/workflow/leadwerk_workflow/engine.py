@@ -416,7 +416,7 @@ class Engine:
                     step.transactional else "marketing"
             data = {"contact_id": contact.contact_id, "template": step.template,
                     "class": kind, "to": to, "sender": sender,
-                    "personalization": contact.traits, "origin": origin,
+                    "personalization": contact.values(), "origin": origin,
                     "not_after": format_timestamp(now + stale)}
         envelope = Envelope(id=event_id, type=event_type, workspace=workspace,
                             occurred_at=now, received_at=now, producer="workflow", data=data,

@@ -57,6 +57,10 @@ class Workspace(BaseModel):
     bots: BotPolicy = BotPolicy.FLAG
     #: Where the opt-in confirmation and unsubscribe pages link back to.
     website_url: str | None = None
+    #: Read by scoring (traits that identify a person) and the mailer (marketing consent
+    #: needs a confirmed double opt-in); listed here so ingest accepts the shared file.
+    identifiers: list[str] = Field(default_factory=list)
+    double_opt_in: bool = True
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins

@@ -1,0 +1,195 @@
+"""Templates: personalisation, dynamic blocks, locales, layouts, MJML, the sandbox, the shipped
+templates; messages: tracked links, the RFC 8058 headers, DKIM (pure, no I/O)."""
+
+from __future__ import annotations
+
+import base64
+import email
+from datetime import UTC, datetime
+from email.message import Message
+from typing import Any
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from leadwerk_mailer.domain.message import DkimKey, Envelope, add_pixel, build, sign, track_links
+from leadwerk_mailer.domain.policy import refusal
+from leadwerk_mailer.domain.templates import Renderer, RenderError, Template, parse
+from leadwerk_mailer.templates import shipped_templates
+
+from leadwerk_platform.settings import repository_root
+
+NOW = datetime(2026, 11, 21, 10, tzinfo=UTC)
+
+
+def template(**fields: Any) -> Template:
+    return Template.model_validate({"id": "t", **fields})
+
+
+def test_personalisation_with_defaults_escapes_html_but_not_the_subject() -> None:
+    t = template(locales={"de": {
+        "subject": "Hallo {{ first_name | default('zusammen') }} & Co",
+        "html": "<p>Hallo {{ first_name | default('zusammen') }}, {{ company.name }}</p>"}})
+    renderer = Renderer()
+    anna = renderer.render(t, None, {"first_name": "<Anna>", "company": {"name": "A&B"}})
+    assert anna.subject == "Hallo <Anna> & Co"
+    assert "Hallo &lt;Anna&gt;, A&amp;B" in anna.html
+    nobody = renderer.render(t, None, {})
+    assert nobody.subject == "Hallo zusammen & Co"
+    assert "Hallo zusammen, </p>" in nobody.html  # a missing value renders empty
+    assert nobody.text.startswith("Hallo zusammen")  # text part derived from the HTML
+
+
+@pytest.mark.parametrize(("values", "expected"), [
+    ({"grade": "A", "locale": "en-GB"}, "demo for you"),
+    ({"grade": "C", "tags": ["webinar"], "locale": "en"}, "see you at the webinar"),
+    ({"grade": "C", "locale": "de-AT"}, "Standard"),
+    ({"stage": "mql"}, "Standard"),
+])
+def test_dynamic_blocks_take_the_first_matching_variant_in_the_locale(
+        values: dict[str, Any], expected: str) -> None:
+    t = template(locales={"de": {"html": "<p>{{ blocks.offer }}</p>"},
+                          "en": {"html": "<p>{{ blocks.offer }}</p>"}},
+                 blocks={"offer": [
+                     {"when": {"grade": "A"}, "content": {"de": "Demo", "en": "demo for you"}},
+                     {"when": {"tags": {"contains": "webinar"}},
+                      "content": {"de": "Bis zum Webinar", "en": "see you at the webinar"}},
+                     {"content": "Standard"}]})
+    assert expected in Renderer().render(t, None, values).html
+
+
+def test_locale_variants_fall_back_to_german_then_the_first() -> None:
+    t = template(locales={"en": {"subject": "Hello", "html": "x"},
+                          "de": {"subject": "Hallo", "html": "x"}})
+    renderer = Renderer()
+    assert renderer.render(t, None, {"locale": "en-US"}).subject == "Hello"
+    assert renderer.render(t, None, {"locale": "fr"}).subject == "Hallo"
+    only_english = template(locales={"en": {"subject": "Hello", "html": "x"}})
+    assert renderer.render(only_english, None, {"locale": "fr"}).locale == "en"
+
+
+def test_mjml_in_a_layout_becomes_responsive_html_with_inlined_css_and_no_web_fonts() -> None:
+    layout = template(id="frame", kind="layout", locales={"de": {"mjml": (
+        "<mjml><mj-head><mj-style inline=\"inline\">.hi { color: #ff0000; }</mj-style></mj-head>"
+        "<mj-body>{{ content }}</mj-body></mjml>")}})
+    t = template(layout="frame", locales={"de": {"subject": "s", "mjml": (
+        "<mj-section><mj-column><mj-text css-class=\"hi\">Hallo {{ first_name }}</mj-text>"
+        "</mj-column></mj-section>")}})
+    out = Renderer().render(t, layout, {"first_name": "Anna"})
+    assert "Hallo Anna" in out.html
+    assert "@media" in out.html  # MJML's responsive rules kept in <style>
+    assert "color: #ff0000" in out.html.replace("color:#ff0000", "color: #ff0000")
+    assert "googleapis" not in out.html
+    assert out.text == "Hallo Anna"
+
+
+def test_the_sandbox_keeps_templates_away_from_python_internals() -> None:
+    renderer = Renderer()
+    for attempt in ("{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}",
+                    "{{ first_name.__class__ }}", "{{ self.__init__ }}"):
+        out = renderer.render(template(locales={"de": {"html": f"<p>[{attempt}]</p>"}}), None,
+                              {"first_name": "Anna"})
+        assert "[]" in out.html, (attempt, out.html)
+    with pytest.raises(RenderError, match=r"^SecurityError: .* is unsafe"):
+        renderer.render(template(locales={"de": {"html": "{{ x.mro() }}"}}), None, {"x": str})
+
+
+def test_validation_names_every_problem_with_its_location() -> None:
+    renderer = Renderer()
+    broken = template(layout="missing", locales={"de": {"subject": "{{ oops", "html": "x"}})
+    problems = {p.location: p.message for p in renderer.check(broken, {})}
+    assert problems["locales.de.subject"].startswith("template syntax")
+    assert problems["layout"] == "no layout 'missing'"
+    _, problems_ = parse({"id": "Bad Id", "locales": {"de": {"html": "x", "mjml": "y"}}})
+    assert {p.location for p in problems_} == {"id", "locales.de"}
+
+
+def test_the_shipped_templates_render_in_german_and_english() -> None:
+    shipped = [Template.model_validate(d) for _, d in
+               shipped_templates(repository_root() / "config" / "templates")]
+    layouts = {t.id: t for t in shipped if t.kind == "layout"}
+    ids = {t.id for t in shipped}
+    assert ids >= {"welcome", "welcome-follow-up", "whitepaper-info", "event-invitation",
+                   "event-invitation-reminder", "mql-alert", "sla-breach", "wake-up",
+                   "trial-ending", "optin-confirmation", "default"}
+    renderer = Renderer()
+    for t in shipped:
+        assert renderer.check(t, layouts) == [], t.id
+    welcome = next(t for t in shipped if t.id == "welcome")
+    out = renderer.render(welcome, layouts["default"], {
+        "first_name": "Anna", "grade": "A", "owner": "anna.berger@example.de",
+        "unsubscribe_url": "https://in.example/t/u/tok"})
+    assert out.subject == "Willkommen, Anna!"
+    assert "persönliche Demo" in out.html
+    assert "https://in.example/t/u/tok" in out.html
+
+
+def test_links_are_tracked_except_marked_ones_and_a_pixel_is_added() -> None:
+    html = ('<html><body><a href="https://x.de/a?b=1&amp;c=2">x</a> '
+            '<a class="btn" href=\'http://y.de\'>y</a> <a href="mailto:z@x.de">z</a> '
+            '<a href="https://u.example/t/u/tok" data-lw-notrack>abmelden</a></body></html>')
+    seen: list[tuple[str, int]] = []
+
+    def tracked(url: str, index: int) -> str:
+        seen.append((url, index))
+        return f"https://t.example/c/{index}"
+
+    rewritten, count = track_links(html, tracked)
+    assert count == 2
+    assert seen == [("https://x.de/a?b=1&c=2", 1), ("http://y.de", 2)]
+    assert 'href="https://t.example/c/1"' in rewritten
+    assert "href='https://t.example/c/2'" in rewritten
+    assert 'href="mailto:z@x.de"' in rewritten
+    assert 'href="https://u.example/t/u/tok" data-lw-notrack' in rewritten
+    assert add_pixel(rewritten, "https://t.example/o/1").endswith(
+        '<img src="https://t.example/o/1" width="1" height="1" alt="" '
+        'style="display:block;border:0;width:1px;height:1px" /></body></html>')
+
+
+def keypair() -> tuple[bytes, bytes]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+
+
+def test_one_click_unsubscribe_headers_are_signed_by_dkim() -> None:
+    private, record = keypair()
+    message = build(Envelope(message_id="c-1@leadwerk.test", sender="Anna Berger <anna@x.de>",
+                             to="lead@example.de", subject="Grüße", date=NOW,
+                             unsubscribe_url="https://in.example/t/u/tok"),
+                    "<p>Hallo</p>", "Hallo")
+    raw = sign(message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+               DkimKey("x.de", "lw1", private))
+    parsed: Message = email.message_from_bytes(raw)
+    assert parsed["List-Unsubscribe"] == "<https://in.example/t/u/tok>"
+    assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    signature = " ".join(parsed["DKIM-Signature"].split())
+    assert "list-unsubscribe : list-unsubscribe-post" in signature.replace("h=", "")
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record)
+    tampered = raw.replace(b"t/u/tok", b"t/u/evil")
+    assert not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
+
+
+@pytest.mark.parametrize(("command", "suppression", "consent", "expected"), [
+    ({"class": "marketing", "to": "a@x.de"}, None, "confirmed", None),
+    ({"class": "marketing", "to": "a@x.de"}, None, "granted", None),
+    ({"class": "marketing", "to": "a@x.de"}, None, None, "no_consent"),
+    ({"class": "marketing", "to": "a@x.de"}, None, "pending", "consent_pending"),
+    ({"class": "marketing", "to": "a@x.de"}, None, "withdrawn", "no_consent"),
+    ({"class": "marketing", "to": "a@x.de"}, "unsubscribed", "confirmed", "unsubscribed"),
+    ({"class": "transactional", "to": "a@x.de"}, "unsubscribed", None, None),
+    ({"class": "transactional", "to": "a@x.de"}, "hard_bounce", None, "hard_bounce"),
+    ({"class": "internal", "to": "rep@x.de"}, None, None, None),
+    ({"class": "marketing", "to": None}, None, "confirmed", "no_address"),
+    ({"class": "marketing", "to": "a@x.de", "not_after": "2026-11-21T09:00:00+00:00"},
+     None, "confirmed", "expired"),
+])
+def test_the_send_time_policy(command: dict[str, Any], suppression: str | None,
+                              consent: str | None, expected: str | None) -> None:
+    assert refusal(command, NOW, suppression=suppression, consent=consent,
+                   require_consent=True) == expected
