@@ -26,21 +26,24 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, int, Path]]:
+def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, int, Path, int]]:
     kafka_port, ingest_port, scoring_port = free_port(), free_port(), free_port()
+    mailer_port = free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LEADWERK_", "KAFKA_", "DATABASE_"))}
     env.update({"LEADWERK_STATE_DIR": str(tmp_path / "state"),
                 "LEADWERK_EMBEDDED_KAFKA_PORT": str(kafka_port),
                 "LEADWERK_INGEST_PORT": str(ingest_port),
                 "LEADWERK_SCORING_PORT": str(scoring_port),
-                "LEADWERK_WORKFLOW_PORT": str(free_port())})
+                "LEADWERK_WORKFLOW_PORT": str(free_port()),
+                "LEADWERK_MAILER_PORT": str(mailer_port),
+                "LEADWERK_MAIL_CATCHER_PORT": str(free_port())})
     log = tmp_path / "stack.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],
                                    env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield process, kafka_port, ingest_port, scoring_port, log
+        yield process, kafka_port, ingest_port, scoring_port, log, mailer_port
     finally:
         if process.poll() is None:
             process.kill()
@@ -61,8 +64,8 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all(
-        stack: tuple[subprocess.Popen[bytes], int, int, int, Path]) -> None:
-    process, kafka_port, ingest_port, scoring_port, log = stack
+        stack: tuple[subprocess.Popen[bytes], int, int, int, Path, int]) -> None:
+    process, kafka_port, ingest_port, scoring_port, log, mailer_port = stack
     url = f"http://127.0.0.1:{ingest_port}"
     scoring = f"http://127.0.0.1:{scoring_port}"
     await asyncio.to_thread(wait_ready, url, process, log)
@@ -100,6 +103,20 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
                 break
             assert time.monotonic() < deadline, found
             await asyncio.sleep(0.2)
+    # The mailer (its own process) sends a test through the local mail catcher, and the
+    # mailbox command lists it.
+    mailer = f"http://127.0.0.1:{mailer_port}"
+    await asyncio.to_thread(wait_ready, mailer, process, log)
+    async with httpx.AsyncClient(base_url=mailer, headers={
+            "Authorization": f"Bearer {DEVELOPMENT_ADMIN_TOKEN}"}) as client:
+        sent = await client.post("/api/templates/welcome/test",
+                                 json={"to": "newcomer@example.de"}, timeout=20)
+        assert sent.json()["outcome"] == "sent", sent.text
+    listed = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "leadwerk_platform.mailbox", stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "LEADWERK_STATE_DIR": str(log.parent / "state")})
+    mailbox, _ = await asyncio.wait_for(listed.communicate(), 30)
+    assert "newcomer@example.de  [Test] Willkommen, Anna!" in mailbox.decode()
     text = log.read_text()
     assert re.search(rf"ingest +listening on http://127\.0\.0\.1:{ingest_port}", text)
     assert re.search(rf"scoring +listening on http://127\.0\.0\.1:{scoring_port}", text)

@@ -22,6 +22,7 @@ from typing import IO
 from leadwerk_platform.bootstrap import prepare
 from leadwerk_platform.embedded import EmbeddedBroker, EmbeddedPostgres
 from leadwerk_platform.logging import configure_logging
+from leadwerk_platform.mailbox import MailCatcher
 from leadwerk_platform.services import ServiceSpec, installed_services
 from leadwerk_platform.settings import LogFormat, PlatformSettings, repository_root
 
@@ -47,6 +48,7 @@ class Stack:
         self.env.setdefault("LEADWERK_LOG_FORMAT", LogFormat.CONSOLE.value)
         self.postgres: EmbeddedPostgres | None = None
         self.broker: EmbeddedBroker | None = None
+        self.mail: MailCatcher | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.stopping = threading.Event()
 
@@ -67,6 +69,16 @@ class Stack:
             self.env.setdefault("LEADWERK_KAFKA_SESSION_TIMEOUT_MS", "3000")
             _say(f"embedded Kafka-protocol broker (tansu, memory only) on "
                  f"{self.env['KAFKA_BOOTSTRAP_SERVERS']}")
+
+    def start_mail_catcher(self) -> None:
+        """The mailer's SMTP relay on a development machine: keeps mail as .eml files."""
+        if self.env.get("LEADWERK_SMTP_URL"):
+            return
+        port = int(self.env.get("LEADWERK_MAIL_CATCHER_PORT", "8025"))
+        self.mail = MailCatcher(self.state_dir / "mail", port)
+        self.env["LEADWERK_SMTP_URL"] = self.mail.start()
+        _say(f"mail catcher on {self.env['LEADWERK_SMTP_URL']} (messages in "
+             f"{self.state_dir / 'mail'}; list them: python -m leadwerk_platform.mailbox)")
 
     def prepare(self) -> None:
         os.environ.update(self.env)
@@ -110,6 +122,8 @@ class Stack:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        if self.mail is not None:
+            self.mail.stop()
         if self.broker is not None:
             self.broker.stop()
         if self.postgres is not None:
@@ -130,6 +144,8 @@ def main() -> None:
         stack.start_infrastructure()
         stack.prepare()
         services = installed_services()
+        if any(s.name == "mailer" for s in services):
+            stack.start_mail_catcher()
         stack.start_services(services)
         _say("up; Ctrl-C stops everything")
         code = stack.wait()

@@ -101,6 +101,7 @@ class Mailer:
             await self.templates.seed(connection, settings.default_workspace, shipped)
         self.delivery = Delivery(deps)
         self.retries = RetryWorker(deps, self.delivery)
+        self.delivery.retries = self.retries
         prefix = settings.kafka_topic_prefix
         self._consumers = [
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.sender", topics=COMMAND_TOPICS,

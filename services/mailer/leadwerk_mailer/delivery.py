@@ -75,6 +75,8 @@ class Delivery:
             if key and deps.settings.dkim_domain else None
         _, sender = parseaddr(deps.settings.default_sender)
         self._id_domain = sender.rpartition("@")[2] or "leadwerk.localhost"
+        #: Woken when a message is deferred or held, so its retry is timed from now.
+        self.retries: DueTimer | None = None
 
     async def accept(self, command: Message) -> bool:
         """Record a command once; ``True`` when it is new (or was left unsent)."""
@@ -156,6 +158,8 @@ class Delivery:
     async def _done(self, state: str) -> str:
         self._deps.metrics.outcomes.labels(state).inc()
         self._deps.outbox.request()
+        if state in {"deferred", "held"} and self.retries is not None:
+            self.retries.wake()
         return state
 
     async def _record(self, connection: Connection, command_id: str, command: dict[str, Any],

@@ -53,9 +53,9 @@ def values(records: list[ConsumerRecord[bytes, bytes]]) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under a real uvicorn server on a free loopback port; yield its base URL."""
-    port = free_port()
+async def serve_app(app: Any, port: int | None = None) -> AsyncIterator[str]:
+    """Run ``app`` under a real uvicorn server on a (free) loopback port; yield its base URL."""
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
                             access_log=False, lifespan="on")
     server = uvicorn.Server(config)
