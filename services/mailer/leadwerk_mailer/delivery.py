@@ -46,8 +46,6 @@ from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 logger = logging.getLogger(__name__)
 
 OUTBOX_STREAM = "mailer"
-#: A ``received`` row this old was left by a mailer that died before sending: send it.
-ABANDONED_AFTER = timedelta(minutes=2)
 #: How long marketing mail waits for a pending double opt-in when its command has no not_after.
 HOLD_FOR = timedelta(days=7)
 _NAMESPACE = uuid.UUID("3b2f6c1e-9d4a-5e7b-8c0f-1a2b3c4d5e6f")
@@ -108,9 +106,11 @@ class Delivery:
         deps, now = self._deps, self._deps.clock()
         async with deps.pool.acquire() as connection:
             # Claim it: of a redelivered command and the retry worker only one goes on.
+            claim = uuid.uuid4()
             row = await connection.fetchrow(
-                "UPDATE messages SET state = 'claimed', updated_at = $2 WHERE command_id = $1 "
-                "AND state = 'received' RETURNING command, attempts", command_id, now)
+                "UPDATE messages SET state = 'claimed', claim = $3, updated_at = $2 "
+                "WHERE command_id = $1 AND state = 'received' RETURNING command, attempts",
+                command_id, now, claim)
             if row is None:
                 return "taken"
             command = orjson.loads(row["command"])
@@ -144,10 +144,13 @@ class Delivery:
                     await self._finish(connection, command_id, "failed",
                                        reason=f"template {command['template']}: {error}")
                 return await self._done("failed")
-            await connection.execute(
+            still_ours = await connection.fetchval(
                 "UPDATE messages SET state = 'sending', template_version = $2, "
-                "attempts = attempts + 1, updated_at = $3 WHERE command_id = $1",
-                command_id, template_version, now)
+                "attempts = attempts + 1, updated_at = $3 WHERE command_id = $1 "
+                "AND state = 'claimed' AND claim = $4 RETURNING true",
+                command_id, template_version, now, claim)
+            if not still_ours:  # taken over as abandoned while we were slow: theirs now
+                return "taken"
         relay = deps.relays["marketing" if command["class"] == "marketing" else "transactional"]
         outcome = await relay.send(sender, str(parseaddr(command["to"])[1]), raw)
         async with deps.pool.acquire() as connection, connection.transaction():
@@ -331,7 +334,8 @@ class RetryWorker(DueTimer):
     left accepted but unsent. ``FOR UPDATE SKIP LOCKED`` gives each row to one process."""
 
     def __init__(self, deps: Deps, delivery: Delivery) -> None:
-        super().__init__(deps.clock, batch=50)
+        self._abandoned = timedelta(seconds=deps.settings.abandoned_after_seconds)
+        super().__init__(deps.clock, batch=50, max_sleep=self._abandoned.total_seconds())
         self._deps = deps
         self._delivery = delivery
 
@@ -349,7 +353,7 @@ class RetryWorker(DueTimer):
                 "SELECT command_id FROM messages WHERE (state IN ('deferred', 'held') AND "
                 "next_attempt_at <= $1) OR (state IN ('received', 'claimed') AND updated_at < $2) "
                 "ORDER BY updated_at LIMIT 50 FOR UPDATE SKIP LOCKED) "
-                "RETURNING command_id::text AS command_id", now, now - ABANDONED_AFTER)
+                "RETURNING command_id::text AS command_id", now, now - self._abandoned)
         for row in rows:
             await self._delivery.deliver(row["command_id"])
         return len(rows)

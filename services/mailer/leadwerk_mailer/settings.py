@@ -37,6 +37,10 @@ class MailerSettings(PlatformSettings):
     #: Temporary failures are retried this often, waiting base · 2^attempt seconds.
     retry_attempts: int = Field(6, alias="LEADWERK_MAILER_RETRY_ATTEMPTS", ge=0)
     retry_base_seconds: float = Field(60.0, alias="LEADWERK_MAILER_RETRY_BASE_SECONDS", gt=0)
+    #: A command accepted but neither sent nor refused this long ago was left by a killed
+    #: mailer: the retry worker delivers it. Longer than rendering one message takes.
+    abandoned_after_seconds: float = Field(30.0, alias="LEADWERK_MAILER_ABANDONED_AFTER_SECONDS",
+                                           gt=0)
     #: Marketing email only to contacts whose marketing consent is recorded (and confirmed
     #: where double opt-in applies). Off only for tests of other parts.
     require_consent: bool = Field(True, alias="LEADWERK_MAILER_REQUIRE_CONSENT")

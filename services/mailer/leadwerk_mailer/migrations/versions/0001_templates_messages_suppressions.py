@@ -39,6 +39,7 @@ CREATE TABLE messages (
     smtp_code integer,
     status text,
     attempts integer NOT NULL DEFAULT 0,
+    claim uuid,                     -- who is delivering it now (see delivery.py)
     next_attempt_at timestamptz,
     message_id text,
     command jsonb NOT NULL,
