@@ -77,6 +77,32 @@ class Deps:
     teams: Teams = field(default_factory=Teams)
 
 
+_MOVE = ("UPDATE enrollments SET step = $2, due_at = $3, waiting_for = $4, state = $5, "
+         "visits = $6, branches = $7, updated_at = $8::timestamptz, ended_at = CASE "
+         "WHEN $5::text = 'active' THEN NULL ELSE $8::timestamptz END, end_reason = CASE "
+         "WHEN $5::text = 'completed' THEN 'completed' ELSE end_reason END "
+         "WHERE enrollment_id = $1")
+_HISTORY = ("INSERT INTO journey_history (enrollment_id, workspace, contact_id, journey_id, "
+            "version, step_id, action, reason, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+
+
+@dataclass
+class Writes:
+    """Enrollment moves and history rows, written with one statement each: the timer worker
+    moves a whole batch of enrollments in one transaction and flushes once."""
+
+    moves: list[tuple[Any, ...]] = field(default_factory=list)
+    history: list[tuple[Any, ...]] = field(default_factory=list)
+
+    async def flush(self, connection: Connection) -> None:
+        if self.moves:
+            await connection.executemany(_MOVE, self.moves)
+            self.moves = []
+        if self.history:
+            await connection.executemany(_HISTORY, self.history)
+            self.history = []
+
+
 @dataclass(frozen=True)
 class Ref:
     """One enrollment: which contact, in which journey version."""
@@ -250,23 +276,25 @@ class Engine:
 
     async def run(self, connection: Connection, ref: Ref, position: Position, *,
                   via: str | None, outgoing: list[OutgoingMessage],
-                  suppress: bool = False, note: str | None = None) -> Outcome:
+                  suppress: bool = False, note: str | None = None,
+                  writes: Writes | None = None, contact: ContactState | None = None) -> Outcome:
         """Move the enrollment on (``via``: the edge out of its resting step, ``None`` from
-        the start); ``note`` tells why it resumed when the edge alone does not."""
+        the start); ``note`` tells why it resumed when the edge alone does not. With
+        ``writes`` the enrollment's row and history are collected there for the caller to
+        flush (``contact``: the contact's state, already loaded)."""
         now = self._deps.clock()
-        contact = await self.contact(connection, ref.workspace, ref.contact_id)
+        batch = writes if writes is not None else Writes()
+        if contact is None:
+            contact = await self.contact(connection, ref.workspace, ref.contact_id)
+        if self._deps.settings.email_cap:
+            await batch.flush(connection)  # the cap counts this batch's sends too
         outcome = advance(ref.journey, position, contact, now, enrollment_id=ref.enrollment_id,
                           via=via, suppress=suppress,
                           cap=await self._cap(connection, ref, now))
         moved = outcome.position
-        await connection.execute(
-            "UPDATE enrollments SET step = $2, due_at = $3, waiting_for = $4, state = $5, "
-            "visits = $6, branches = $7, updated_at = $8::timestamptz, ended_at = CASE "
-            "WHEN $5::text = 'active' THEN NULL ELSE $8::timestamptz END, end_reason = CASE "
-            "WHEN $5::text = 'completed' THEN 'completed' ELSE end_reason END "
-            "WHERE enrollment_id = $1",
+        batch.moves.append((
             ref.enrollment_id, moved.step, moved.due_at if moved.state == "active" else None,
-            moved.waiting_for, moved.state, jsonb(moved.visits), jsonb(moved.branches), now)
+            moved.waiting_for, moved.state, jsonb(moved.visits), jsonb(moved.branches), now))
         resting = ref.journey.step(position.step) if position.step else None
         resumed = {"on_event": [(position.step, "event", f"{position.waiting_for} arrived")],
                    "on_timeout": [(position.step, "timeout", "no matching event in time")],
@@ -293,7 +321,9 @@ class Engine:
             if e.action == "assign" and e.step_id in owners:
                 entries.append((e.step_id, "owner", owners[e.step_id]))
             self._deps.metrics.steps.labels(e.action).inc()
-        await self._history(connection, ref, entries, now)
+        batch.history += self._history_rows(ref, entries, now)
+        if writes is None:
+            await batch.flush(connection)
         return outcome
 
     async def _assign(self, connection: Connection, ref: Ref, command: Command,
@@ -359,11 +389,26 @@ class Engine:
 
     async def _history(self, connection: Connection, ref: Ref,
                        entries: list[tuple[str | None, str, str]], at: datetime) -> None:
-        await connection.executemany(
-            "INSERT INTO journey_history (enrollment_id, workspace, contact_id, journey_id, "
-            "version, step_id, action, reason, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            [(ref.enrollment_id, ref.workspace, ref.contact_id, ref.journey.id,
-              ref.journey.version, step, action, reason, at) for step, action, reason in entries])
+        await connection.executemany(_HISTORY, self._history_rows(ref, entries, at))
+
+    @staticmethod
+    def _history_rows(ref: Ref, entries: list[tuple[str | None, str, str]],
+                      at: datetime) -> list[tuple[Any, ...]]:
+        return [(ref.enrollment_id, ref.workspace, ref.contact_id, ref.journey.id,
+                 ref.journey.version, step, action, reason, at)
+                for step, action, reason in entries]
+
+    async def contacts(self, connection: Connection,
+                       keys: set[tuple[str, str]]) -> dict[tuple[str, str], ContactState]:
+        """The states of several contacts (workspace, contact id) in one query."""
+        rows = await connection.fetch(
+            "SELECT workspace, contact_id::text AS contact_id, traits, score, grade, rating, "
+            "stage FROM contact_state WHERE (workspace, contact_id) IN (SELECT * FROM "
+            "unnest($1::text[], $2::uuid[]))", [w for w, _ in keys], [c for _, c in keys])
+        found = {(r["workspace"], r["contact_id"]): ContactState(
+            r["contact_id"], loads(r["traits"]), r["score"], r["grade"], r["rating"],
+            r["stage"]) for r in rows}
+        return {key: found.get(key) or ContactState(key[1]) for key in keys}
 
     @staticmethod
     def _snapshot(contact: ContactState) -> dict[str, Any]:

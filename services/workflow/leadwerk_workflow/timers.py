@@ -16,7 +16,7 @@ from leadwerk_workflow.domain.journey import (
     WaitStep,
     WaitWindowStep,
 )
-from leadwerk_workflow.engine import OUTBOX_STREAM, Deps, Engine, Ref, position_of
+from leadwerk_workflow.engine import OUTBOX_STREAM, Deps, Engine, Ref, Writes, position_of
 from leadwerk_workflow.triggers import Triggers
 
 
@@ -77,6 +77,9 @@ class TimerWorker(DueTimer):
                 "contact_id::text AS contact_id, step, due_at, waiting_for, visits, branches "
                 "FROM enrollments WHERE state = 'active' AND due_at <= $1 ORDER BY due_at "
                 "LIMIT $2 FOR UPDATE SKIP LOCKED", now, self._deps.settings.timer_batch)
+            writes = Writes()
+            contacts = await self._engine.contacts(
+                connection, {(r["workspace"], r["contact_id"]) for r in rows})
             for row in rows:
                 journey = await self._engine.journeys.version(
                     connection, row["workspace"], row["journey_id"], row["version"])
@@ -91,9 +94,11 @@ class TimerWorker(DueTimer):
                 await self._engine.run(
                     connection, ref, position_of(row),
                     via=timeout_edge(journey, row["step"]), outgoing=outgoing,
-                    suppress=policy == "skip")
+                    suppress=policy == "skip", writes=writes,
+                    contact=contacts[(row["workspace"], row["contact_id"])])
                 self._deps.metrics.timers.labels("skipped_stale" if policy == "skip"
                                                   else "fired").inc()
+            await writes.flush(connection)
             await add_to_outbox(connection, OUTBOX_STREAM, outgoing)
         if outgoing:
             self._relay.request()  # committed with the outbox rows: publishing can follow
