@@ -6,7 +6,7 @@ import asyncio
 import signal
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -103,6 +103,36 @@ async def test_valid_messages_are_handled_then_committed_and_bad_ones_dead_lette
     assert headers[DLQ_HEADER_PREFIX + "group"] == b"test.ok"
     assert b"not JSON" in headers[DLQ_HEADER_PREFIX + "error"]
     assert headers[DLQ_HEADER_PREFIX + "offset"] == b"1"
+
+
+async def test_a_batch_handler_takes_whole_batches_and_a_bad_one_goes_one_by_one(
+        topics: str) -> None:
+    settings = PlatformSettings()
+    await publish(settings, [event(1), event(2), event(3)])
+    await publish(settings, [event(4), b"{not json", event(5)])
+    batches: list[list[int]] = []
+    single: list[int] = []
+
+    async def batch(messages: Sequence[ConsumedMessage]) -> None:
+        batches.append([m.envelope.data["n"] for m in messages])
+
+    async def handler(message: ConsumedMessage) -> None:
+        single.append(message.envelope.data["n"])
+
+    publisher = Publisher(settings, "dlq")
+    await publisher.start(wait=5)
+    runtime = ConsumerRuntime(settings, group_id="test.batch", topics={TOPIC: DLQ},
+                              handler=handler, batch_handler=batch,
+                              dead_letter_publisher=publisher)
+    await run_until(runtime, lambda: runtime.processed + runtime.dead_lettered == 6)
+    await publisher.stop()
+    # Whatever the fetches grouped: every valid event handled once, in order, either in a
+    # batch or (a batch holding the bad record fell back) one by one; the bad one is dead.
+    handled = [n for b in batches for n in b] + single
+    assert sorted(handled) == [1, 2, 3, 4, 5]
+    assert 4 not in {n for b in batches for n in b} or 5 not in single
+    assert runtime.dead_lettered == 1
+    assert await committed(settings, "test.batch") == 6
 
 
 async def test_transient_failures_are_retried_and_a_restart_resumes_uncommitted(

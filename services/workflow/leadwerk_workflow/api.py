@@ -83,10 +83,11 @@ class Workflow:
                                                        teams=set(teams.teams)):
                 await self.arm(connection, workspace, journey_id)
         self.timers = TimerWorker(deps, self.engine, self.relay, self.triggers)
+        handler = ContactEventHandler(deps, self.engine, self.relay, self.triggers,
+                                      self.timers)
         self.consumer = ConsumerRuntime(
             self.settings, group_id=f"{self.settings.kafka_topic_prefix}workflow.engine",
-            topics=TOPICS, handler=ContactEventHandler(deps, self.engine, self.relay,
-                                                       self.triggers, self.timers),
+            topics=TOPICS, handler=handler, batch_handler=handler.batch,
             dead_letter_publisher=self.publisher)
         self._consumer_task = asyncio.create_task(self.consumer.run())
         self._tasks = [asyncio.create_task(self.relay.sweep()),
