@@ -7,19 +7,26 @@ using their own visitor ids and emails. The scoring clock is a :class:`Clock` te
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
 from typing import Any
 
 import httpx
 import pytest
+from aiosmtpd.controller import Controller
 
 from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
+from leadwerk_mailer.api import create_app as create_mailer
+from leadwerk_mailer.settings import MailerSettings
+from leadwerk_platform.embedded import free_port
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
@@ -69,6 +76,8 @@ class Stack:
     settings: ScoringSettings
     failures: list[BaseException] = field(default_factory=list)
     user_ids: dict[str, str] = field(default_factory=dict)
+    mailer: str = ""
+    mail: MailSink | None = None
 
     @property
     def admin(self) -> dict[str, str]:
@@ -149,11 +158,29 @@ async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) 
 
 
 async def scoring_database(infrastructure: Infrastructure) -> str:
-    """A fresh database with the scoring and workflow schemas migrated."""
+    """A fresh database with the scoring, workflow and mailer schemas migrated."""
     url = await create_database(infrastructure.database_url, "scn")
-    await migrate(url, "scoring")
-    await migrate(url, "workflow")
+    for service in ("scoring", "workflow", "mailer"):
+        await migrate(url, service)
     return url
+
+
+class MailSink:
+    """The SMTP relay of the scenarios (aiosmtpd): keeps every message it accepts."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        del server, session
+        message = email.message_from_bytes(envelope.original_content,
+                                           policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        self.messages.append(message)
+        return "250 2.0.0 Ok: queued"
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [m for m in self.messages if address in str(m["To"])]
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +197,13 @@ async def stack(infrastructure: Infrastructure,
         "LEADWERK_CONFIG_DIR": str(repository_root() / "config"),
         "LEADWERK_SCORING_BATCH_WITHIN": "0.02",
     }
+    sink = MailSink()
+    relay = Controller(sink, hostname="127.0.0.1", port=free_port())
+    relay.start()
+    ingest_port, mailer_port = free_port(), free_port()
+    env.update({"LEADWERK_SMTP_URL": f"smtp://127.0.0.1:{relay.port}",
+                "LEADWERK_INGEST_PUBLIC_URL": f"http://127.0.0.1:{ingest_port}",
+                "LEADWERK_MAILER_URL": f"http://127.0.0.1:{mailer_port}"})
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
@@ -179,8 +213,15 @@ async def stack(infrastructure: Infrastructure,
         failures: list[BaseException] = []
         app = create_app(settings, clock=clock, on_fatal=failures.append)
         journeys = create_workflow(WorkflowSettings(), clock=clock)
-        async with serve_app(create_ingest(IngestSettings())) as ingest_url, \
-                serve_app(app) as scoring_url, serve_app(journeys) as workflow_url:
-            yield Stack(ingest_url, scoring_url, workflow_url, clock, app.state.scoring,
-                        journeys.state.workflow, settings, failures)
+        mailer = create_mailer(MailerSettings(), clock=clock)
+        try:
+            async with serve_app(create_ingest(IngestSettings()), port=ingest_port) \
+                    as ingest_url, serve_app(app) as scoring_url, \
+                    serve_app(mailer, port=mailer_port) as mailer_url, \
+                    serve_app(journeys) as workflow_url:
+                yield Stack(ingest_url, scoring_url, workflow_url, clock, app.state.scoring,
+                            journeys.state.workflow, settings, failures, mailer=mailer_url,
+                            mail=sink)
+        finally:
+            relay.stop()
     os.environ.pop("LEADWERK_SCORING_BATCH_WITHIN", None)

@@ -22,11 +22,11 @@ from aiokafka import AIOKafkaProducer
 from aiosmtpd.controller import Controller
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from leadwerk_mailer.api import Mailer, create_app
-from leadwerk_mailer.settings import MailerSettings
 
 from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
+from leadwerk_mailer.api import Mailer, create_app
+from leadwerk_mailer.settings import MailerSettings
 from leadwerk_platform.embedded import free_port
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.kafka.topics import provision_topics

@@ -13,11 +13,11 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
 from leadwerk_mailer.domain.message import DkimKey, Envelope, add_pixel, build, sign, track_links
 from leadwerk_mailer.domain.policy import refusal
 from leadwerk_mailer.domain.templates import Renderer, RenderError, Template, parse
 from leadwerk_mailer.templates import shipped_templates
-
 from leadwerk_platform.settings import repository_root
 
 NOW = datetime(2026, 11, 21, 10, tzinfo=UTC)

@@ -1,0 +1,130 @@
+"""Email end to end: a form with double opt-in through ingest and scoring to the mailer, the
+confirmation link, the held welcome mail from the assigned rep, a tracked click, the one-click
+unsubscribe, and the marketing mail that no longer goes out. Real SMTP (aiosmtpd) as the sink."""
+
+from __future__ import annotations
+
+import uuid
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+
+from .conftest import Stack, browser, submit_form
+
+INSIDE_SALES = {"anna.berger@example.de", "jonas.weber@example.de", "mia.schulz@example.de"}
+
+
+def html_of(message: EmailMessage) -> str:
+    part = message.get_body(("html",))
+    assert part is not None
+    return str(part.get_content())
+
+
+async def mails_to(stack: Stack, address: str, count: int) -> list[EmailMessage]:
+    assert stack.mail is not None
+    sink = stack.mail
+
+    async def arrived() -> list[EmailMessage] | None:
+        found = sink.to(address)
+        return found if len(found) >= count else None
+
+    result: list[EmailMessage] = await stack.eventually(arrived)
+    return result
+
+
+async def messages(stack: Stack, client: httpx.AsyncClient,
+                   contact_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"{stack.mailer}/api/contacts/{contact_id}/messages",
+                                headers=stack.admin)
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stack) -> None:
+    device, address = str(uuid.uuid4()), f"doi.{uuid.uuid4().hex[:8]}@example.de"
+    async with browser() as client:
+        await submit_form(stack, client, device, address)
+        [confirmation] = await mails_to(stack, address, 1)
+        assert confirmation["Subject"] == "Bitte bestätigen Sie Ihre Anmeldung"
+        assert confirmation["List-Unsubscribe"] is None  # transactional
+        confirm = html_of(confirmation).split(f'href="{stack.ingest}/t/confirm/')[1]
+        confirm_url = f"{stack.ingest}/t/confirm/{confirm.split('"')[0]}"
+
+        async def contact() -> str | None:
+            response = await stack.api(client, "GET", "/contacts", params={"email": address})
+            items = response.json()["items"]
+            return items[0]["id"] if items else None
+
+        contact_id: str = await stack.eventually(contact)
+
+        async def held() -> list[dict[str, Any]] | None:
+            items = [m for m in await messages(stack, client, contact_id)
+                     if m["template_id"] == "welcome" and m["state"] == "held"]
+            return items or None
+
+        await stack.eventually(held)  # the journey's welcome waits for the confirmation
+        confirmed = await client.post(confirm_url)
+        assert confirmed.status_code in {200, 303}
+        confirmation_, welcome = await mails_to(stack, address, 2)
+        assert welcome["Subject"] == "Willkommen, Anna!"
+        assert str(welcome["From"]) in INSIDE_SALES  # from the rep assigned at registration
+        consents = (await client.get(f"{stack.mailer}/api/contacts/{contact_id}/consents",
+                                     headers=stack.admin)).json()
+        assert consents["state"] == {"marketing": "confirmed"}
+        assert [e["action"] for e in consents["log"]] == ["pending", "confirmed"]
+        # A tracked click reaches the contact's timeline through ingest and scoring.
+        tracked = html_of(welcome).split(f'href="{stack.ingest}/t/c/')[1].split('"')[0]
+        redirect = await client.get(f"{stack.ingest}/t/c/{tracked}")
+        assert redirect.status_code == 302
+
+        async def clicked() -> bool:
+            timeline = (await stack.api(client, "GET", f"/contacts/{contact_id}/timeline")
+                        ).json()["items"]
+            return any(e["kind"] == "email_clicked" for e in timeline)
+
+        await stack.eventually(clicked)
+        # RFC 8058: the mail client POSTs to the List-Unsubscribe URL.
+        unsubscribe = str(welcome["List-Unsubscribe"]).strip("<>")
+        answer = await client.post(unsubscribe, content=b"List-Unsubscribe=One-Click",
+                                   headers={"Content-Type":
+                                            "application/x-www-form-urlencoded"})
+        assert answer.status_code == 200
+
+        async def withdrawn() -> bool:
+            body = (await client.get(f"{stack.mailer}/api/contacts/{contact_id}/consents",
+                                     headers=stack.admin)).json()
+            return bool(body["state"]["marketing"] == "withdrawn")
+
+        await stack.eventually(withdrawn)
+        # The white-paper journey still decides to write: the mailer refuses at send time.
+        await stack.track(client, "track", {"anonymousId": device,
+                                            "event": "Document Downloaded"})
+
+        async def refused() -> dict[str, Any] | None:
+            items = [m for m in await messages(stack, client, contact_id)
+                     if m["template_id"] == "whitepaper-info"]
+            return items[0] if items and items[0]["state"] == "suppressed" else None
+
+        refusal = await stack.eventually(refused)
+        assert refusal["reason"] == "unsubscribed"
+    assert len(await mails_to(stack, address, 2)) == 2
+
+
+async def test_journeys_name_only_templates_the_mailer_has(stack: Stack) -> None:
+    journey = {"name": "Typo", "trigger": {"manual": True}, "start": "a", "steps": {
+        "a": {"type": "send_email", "template": "welcom", "next": "b"}, "b": {"type": "end"}}}
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.put(f"{stack.workflow}/api/journeys/typo", json=journey,
+                                  headers=stack.admin)
+        assert answer.status_code == 422
+        assert answer.json()["problems"] == [{"location": "steps.a.template",
+                                              "message": "missing template 'welcom'"}]
+        created = await client.put(f"{stack.mailer}/api/templates/welcom", headers=stack.admin,
+                                   json={"locales": {"de": {"subject": "Hallo",
+                                                            "html": "<p>Hallo</p>"}}})
+        assert created.status_code == 201, created.text
+        accepted = await client.put(f"{stack.workflow}/api/journeys/typo", json=journey,
+                                    headers=stack.admin)
+        assert accepted.status_code == 201, accepted.text
