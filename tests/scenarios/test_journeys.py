@@ -83,7 +83,7 @@ async def test_journeys_api_validates_versions_pauses_and_enrolls(stack: Stack) 
         assert answer.json()["problems"] == [{"location": "steps.a.next",
                                               "message": "unknown step 'zzz'"}]
         manual = {"name": "Manual", "trigger": {"manual": True}, "start": "a", "steps": {
-            "a": {"type": "send_email", "template": "hello", "next": "b"},
+            "a": {"type": "send_email", "template": "welcome", "next": "b"},
             "b": {"type": "end"}}}
         created = await client.put(f"{base}/manual-test", json=manual, headers=headers)
         assert created.status_code == 201
@@ -246,7 +246,7 @@ async def test_owners_are_assigned_round_robin_and_by_territory(stack: Stack) ->
                    "reps": ["rep-a@example.de", "rep-b@example.de"],
                    "territories": [{"when": {"country": "AT"}, "owner": "wien@example.at"}],
                    "next": "tell"},
-        "tell": {"type": "notify", "template": "new-lead", "to": "owner", "next": "end"},
+        "tell": {"type": "notify", "template": "mql-alert", "to": "owner", "next": "end"},
         "end": {"type": "end"}}}
     async with browser() as client:
         base = f"{stack.workflow}/api/journeys/routing-test"
@@ -268,7 +268,7 @@ async def test_owners_are_assigned_round_robin_and_by_territory(stack: Stack) ->
                                          json={"contact_id": contact_id})
             assert enrolled.status_code == 201, enrolled.text
             notes = [m for m in await commands(stack, "email-commands", contact_id, 1)
-                     if m["data"]["template"] == "new-lead"]
+                     if m["data"]["template"] == "mql-alert"]
             owners.append(notes[0]["data"]["to"])
         assert owners[:2] in (["rep-a@example.de", "rep-b@example.de"],
                               ["rep-b@example.de", "rep-a@example.de"])

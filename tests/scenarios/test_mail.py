@@ -49,8 +49,8 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
         [confirmation] = await mails_to(stack, address, 1)
         assert confirmation["Subject"] == "Bitte bestätigen Sie Ihre Anmeldung"
         assert confirmation["List-Unsubscribe"] is None  # transactional
-        confirm = html_of(confirmation).split(f'href="{stack.ingest}/t/confirm/')[1]
-        confirm_url = f"{stack.ingest}/t/confirm/{confirm.split('"')[0]}"
+        token = html_of(confirmation).split(f'href="{stack.ingest}/t/confirm/')[1]
+        confirm_url = f"{stack.ingest}/t/confirm/" + token.split('"')[0]
 
         async def contact() -> str | None:
             response = await stack.api(client, "GET", "/contacts", params={"email": address})
@@ -67,7 +67,7 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
         await stack.eventually(held)  # the journey's welcome waits for the confirmation
         confirmed = await client.post(confirm_url)
         assert confirmed.status_code in {200, 303}
-        confirmation_, welcome = await mails_to(stack, address, 2)
+        _, welcome = await mails_to(stack, address, 2)
         assert welcome["Subject"] == "Willkommen, Anna!"
         assert str(welcome["From"]) in INSIDE_SALES  # from the rep assigned at registration
         consents = (await client.get(f"{stack.mailer}/api/contacts/{contact_id}/consents",
@@ -82,7 +82,7 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
         async def clicked() -> bool:
             timeline = (await stack.api(client, "GET", f"/contacts/{contact_id}/timeline")
                         ).json()["items"]
-            return any(e["kind"] == "email_clicked" for e in timeline)
+            return any("email_clicked" in str(e["type"]) for e in timeline)
 
         await stack.eventually(clicked)
         # RFC 8058: the mail client POSTs to the List-Unsubscribe URL.

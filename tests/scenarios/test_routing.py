@@ -101,11 +101,11 @@ async def test_a_segment_trigger_enters_contacts_whose_traits_come_to_match(
 async def test_contacts_inside_an_old_version_move_by_an_explicit_rule(stack: Stack) -> None:
     v1 = {"name": "Nurture", "trigger": {"manual": True}, "start": "a", "steps": {
         "a": {"type": "wait", "duration": "1d", "next": "mail"},
-        "mail": {"type": "send_email", "template": "nurture-v1", "next": "end"},
+        "mail": {"type": "send_email", "template": "welcome", "next": "end"},
         "end": {"type": "end"}}}
     v2 = {"name": "Nurture", "trigger": {"manual": True}, "start": "pause", "steps": {
         "pause": {"type": "wait", "duration": "1d", "next": "mail"},
-        "mail": {"type": "send_email", "template": "nurture-v2", "next": "end"},
+        "mail": {"type": "send_email", "template": "welcome-follow-up", "next": "end"},
         "end": {"type": "end"}}}
     headers = stack.admin
     async with browser() as client:
@@ -133,7 +133,7 @@ async def test_contacts_inside_an_old_version_move_by_an_explicit_rule(stack: St
         due = datetime.fromisoformat(inside["due_at"])
         [mail] = await at(stack, due,
                           lambda: commands(stack, "email-commands", contact_id, 1))
-        assert mail["data"]["template"] == "nurture-v2"
+        assert mail["data"]["template"] == "welcome-follow-up"
 
 
 async def test_a_date_trigger_writes_three_days_before_the_trial_ends(stack: Stack) -> None:

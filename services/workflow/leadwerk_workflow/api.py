@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import httpx
 import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -210,25 +211,42 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
     def teams() -> set[str]:
         return set(deps().teams.teams)
 
+    async def templates(workspace: str) -> tuple[set[str] | None, list[str]]:
+        """The mailer's template names, or ``None`` and a warning when it cannot be asked."""
+        url = f"{settings.mailer_url.rstrip('/')}/api/templates"
+        try:
+            async with httpx.AsyncClient(timeout=3) as client:
+                answer = await client.get(url, params={"workspace": workspace}, headers={
+                    "Authorization": f"Bearer {settings.admin_token.get_secret_value()}"})
+            answer.raise_for_status()
+            return {str(t["template_id"]) for t in answer.json()["items"]
+                    if t.get("kind") != "layout"}, []
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            return None, [f"templates not checked: the mailer at {settings.mailer_url} did "
+                          f"not answer ({type(error).__name__})"]
+
     @router.post("/journeys/validate", summary="Check a journey without storing it")
-    async def validate(request: Request) -> dict[str, Any]:
-        _, problems = parse(await body_document(request), teams=teams())
-        return {"valid": not problems, "problems": [p.to_dict() for p in problems]}
+    async def validate(request: Request, workspace: Workspace = default) -> dict[str, Any]:
+        known, warnings = await templates(workspace)
+        _, problems = parse(await body_document(request), known, teams())
+        return {"valid": not problems, "problems": [p.to_dict() for p in problems],
+                "warnings": warnings}
 
     @router.put("/journeys/{journey_id}", summary="Create or edit (a new version)")
     async def put_journey(journey_id: str, request: Request,
                           workspace: Workspace = default) -> JSONResponse:
         document = {**await body_document(request), "id": journey_id}
         document.pop("status", None)
-        journey, problems = parse(document, teams=teams())
+        known, warnings = await templates(workspace)
+        journey, problems = parse(document, known, teams())
         if journey is None:
             return JSONResponse({"detail": "invalid journey",
                                  "problems": [p.to_dict() for p in problems]}, status_code=422)
         async with deps().pool.acquire() as connection:
             stored = await workflow.journeys.save(connection, workspace, journey, actor="api")
             await workflow.arm(connection, workspace, stored.id)
-        return JSONResponse({"journey_id": stored.id, "version": stored.version},
-                            status_code=201)
+        return JSONResponse({"journey_id": stored.id, "version": stored.version,
+                             "warnings": warnings}, status_code=201)
 
     async def set_status(journey_id: str, workspace: str, status: str) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:

@@ -23,6 +23,9 @@ class WorkflowSettings(PlatformSettings):
     #: What a capped send does: wait until the window frees a slot, or drop.
     email_cap_policy: Literal["delay", "drop"] = Field(
         "delay", alias="LEADWERK_WORKFLOW_EMAIL_CAP_POLICY")
+    #: The mailer's API, asked which templates exist when a journey is validated (the admin
+    #: path only; unreachable: the templates are not checked and the answer says so).
+    mailer_url: str = Field("http://127.0.0.1:8083", alias="LEADWERK_MAILER_URL")
 
     @field_validator("email_cap")
     @classmethod
