@@ -1,6 +1,6 @@
 """Workflow timer-wave benchmark (``make bench``).
 
-N enrollments wait on timers that all fall due at once (``--enrollments``, default 200,000;
+N enrollments wait on timers that all fall due at once (``--enrollments``, default 1,000,000;
 the issue's target is 1,000,000 in under 5 minutes). Measured in one run on this machine:
 
 * baseline - a bare ``SELECT … FOR UPDATE SKIP LOCKED`` due-row loop on the same Postgres
@@ -292,7 +292,7 @@ def render(results: dict[str, float], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--enrollments", type=int, default=200_000)
+    parser.add_argument("--enrollments", type=int, default=1_000_000)
     parser.add_argument("--rate", type=int, default=200, help="new visitors per second")
     parser.add_argument("--seconds", type=int, default=15)
     args = parser.parse_args(argv)

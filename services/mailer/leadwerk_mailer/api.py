@@ -103,9 +103,10 @@ class Mailer:
         self.retries = RetryWorker(deps, self.delivery)
         self.delivery.retries = self.retries
         prefix = settings.kafka_topic_prefix
+        commands = CommandHandler(deps, self.delivery)
         self._consumers = [
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.sender", topics=COMMAND_TOPICS,
-                            handler=CommandHandler(deps, self.delivery),
+                            handler=commands, batch_handler=commands.batch,
                             dead_letter_publisher=self.publisher),
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.consent",
                             topics=CONTACT_TOPICS,

@@ -3,7 +3,9 @@ and the suppression list, contact events (group ``mailer.consent``)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from leadwerk_mailer.delivery import Delivery, Deps, address_digest, release_held, suppress
@@ -22,17 +24,34 @@ class CommandHandler:
     def __init__(self, deps: Deps, delivery: Delivery) -> None:
         self._deps = deps
         self._delivery = delivery
+        # As many deliveries at once as the relay has connections: while one waits for
+        # SMTP or Postgres, another renders and signs.
+        self._parallel = asyncio.Semaphore(deps.settings.smtp_pool_size)
 
     async def __call__(self, message: ConsumedMessage) -> None:
-        command = message.envelope
-        if command.type != "email.send_requested.v1":
-            return
-        data = command.data
-        if not isinstance(data.get("contact_id"), str) or not data.get("template"):
-            raise InvalidMessageError("an email command names a contact and a template")
-        self._deps.metrics.commands.labels(str(data.get("class"))).inc()
-        if await self._delivery.accept(command):
-            await self._delivery.deliver(command.id)
+        await self.batch([message])
+
+    async def batch(self, messages: Sequence[ConsumedMessage]) -> None:
+        """A fetched batch: each command recorded once, then delivered concurrently. If
+        anything fails the runtime comes again one by one, and the recorded states keep every
+        command from going out twice."""
+        accepted = []
+        for message in messages:
+            command = message.envelope
+            if command.type != "email.send_requested.v1":
+                continue
+            data = command.data
+            if not isinstance(data.get("contact_id"), str) or not data.get("template"):
+                raise InvalidMessageError("an email command names a contact and a template")
+            self._deps.metrics.commands.labels(str(data.get("class"))).inc()
+            if await self._delivery.accept(command):
+                accepted.append(command.id)
+
+        async def deliver(command_id: str) -> None:
+            async with self._parallel:
+                await self._delivery.deliver(command_id)
+
+        await asyncio.gather(*(deliver(c) for c in accepted))
 
 
 class ConsentHandler:

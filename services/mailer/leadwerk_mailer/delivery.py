@@ -29,7 +29,15 @@ from typing import Any
 
 import orjson
 
-from leadwerk_mailer.domain.message import DkimKey, Envelope, add_pixel, build, sign, track_links
+from leadwerk_mailer.domain.message import (
+    DkimKey,
+    Envelope,
+    add_pixel,
+    build,
+    sign,
+    track_links,
+    use_openssl_for_dkim,
+)
 from leadwerk_mailer.domain.policy import refusal
 from leadwerk_mailer.domain.templates import Renderer, RenderError
 from leadwerk_mailer.metrics import MailerMetrics
@@ -71,6 +79,8 @@ class Delivery:
         key = deps.settings.dkim_key()
         self._dkim = DkimKey(deps.settings.dkim_domain, deps.settings.dkim_selector, key) \
             if key and deps.settings.dkim_domain else None
+        if self._dkim is not None:
+            use_openssl_for_dkim()
         _, sender = parseaddr(deps.settings.default_sender)
         self._id_domain = sender.rpartition("@")[2] or "leadwerk.localhost"
         #: Woken when a message is deferred or held, so its retry is timed from now.

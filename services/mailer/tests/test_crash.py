@@ -103,7 +103,8 @@ async def test_sigkill_during_a_burst_sends_nothing_twice(
         await wait_for(pool, finished, COMMANDS, process, timeout=240)
         states = dict(await pool.fetch("SELECT state, count(*) FROM messages GROUP BY state"))
         assert set(states) <= {"sent", "uncertain"}, states
-        assert states.get("uncertain", 0) <= 2  # at most one SMTP transaction per kill
+        # At most the SMTP transactions in flight when each kill hit: one per connection.
+        assert states.get("uncertain", 0) <= 2 * int(env.get("LEADWERK_SMTP_POOL_SIZE", "4"))
         assert max(sink.by_message_id.values()) == 1  # nobody got a message twice
         assert len(sink.by_message_id) >= states["sent"]
         assert len(sink.by_message_id) <= COMMANDS

@@ -5,16 +5,28 @@ from __future__ import annotations
 
 import base64
 import email
+import hashlib
 from datetime import UTC, datetime
 from email.message import Message
 from typing import Any
 
 import dkim
+import dkim.crypto
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from leadwerk_mailer.domain.message import DkimKey, Envelope, add_pixel, build, sign, track_links
+from leadwerk_mailer.domain.message import (
+    _PURE_PYTHON_RSA,
+    DkimKey,
+    Envelope,
+    _openssl_rsa,
+    add_pixel,
+    build,
+    sign,
+    track_links,
+    use_openssl_for_dkim,
+)
 from leadwerk_mailer.domain.policy import refusal
 from leadwerk_mailer.domain.templates import Renderer, RenderError, Template, parse
 from leadwerk_mailer.templates import shipped_templates
@@ -193,3 +205,16 @@ def test_the_send_time_policy(command: dict[str, Any], suppression: str | None,
                               consent: str | None, expected: str | None) -> None:
     assert refusal(command, NOW, suppression=suppression, consent=consent,
                    require_consent=True) == expected
+
+
+def test_openssl_does_dkimpy_rsa_step_bit_for_bit() -> None:
+    private, record = keypair()
+    parsed = dkim.crypto.parse_pem_private_key(private)
+    digest = hashlib.sha256(b"headers to sign")
+    assert _openssl_rsa(digest, parsed) == bytes(_PURE_PYTHON_RSA(digest, parsed))
+    use_openssl_for_dkim()
+    message = build(Envelope(message_id="c-2@leadwerk.test", sender="a@x.de", to="b@y.de",
+                             subject="Hallo", date=NOW), "<p>Hallo</p>", "Hallo")
+    raw = sign(message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+               DkimKey("x.de", "lw1", private))
+    assert dkim.verify(raw, dnsfunc=lambda name, timeout=5: record)

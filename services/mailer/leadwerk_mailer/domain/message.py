@@ -10,8 +10,12 @@ from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, parseaddr
+from typing import Any
 
 import dkim
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 _LINK = re.compile(r"""(<a\b[^>]*?\bhref\s*=\s*)(["'])(https?://[^"']+)\2([^>]*>)""",
                    re.IGNORECASE)
@@ -93,6 +97,36 @@ class DkimKey:
     domain: str
     selector: str
     private_key: bytes  # PEM
+
+
+_PURE_PYTHON_RSA = dkim.RSASSA_PKCS1_v1_5_sign
+_OPENSSL_KEYS: dict[int, rsa.RSAPrivateKey] = {}
+_SHA256_BYTES = 32
+
+
+def _openssl_rsa(digest: Any, private: dict[str, int]) -> bytes:
+    """dkimpy's RSA step (PKCS#1 v1.5 over the header hash) done by OpenSSL: the same bytes
+    as dkimpy's own pure-Python modular arithmetic, about eight times faster."""
+    value = digest.digest()
+    if len(value) != _SHA256_BYTES:
+        return bytes(_PURE_PYTHON_RSA(digest, private))
+    key = _OPENSSL_KEYS.get(private["modulus"])
+    if key is None:
+        key = rsa.RSAPrivateNumbers(
+            p=private["prime1"], q=private["prime2"], d=private["privateExponent"],
+            dmp1=private["exponent1"], dmq1=private["exponent2"],
+            iqmp=private["coefficient"],
+            public_numbers=rsa.RSAPublicNumbers(private["publicExponent"],
+                                                private["modulus"])).private_key()
+        _OPENSSL_KEYS[private["modulus"]] = key
+    return key.sign(value, padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+
+
+def use_openssl_for_dkim() -> None:
+    """Let dkimpy sign with OpenSSL (through ``cryptography``). dkimpy keeps canonicalisation,
+    header selection and the signature header; only its RSA step is replaced (ADR 0012).
+    Called when the mailer starts, never at import."""
+    dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa
 
 
 def sign(raw: bytes, key: DkimKey) -> bytes:
