@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from leadwerk_mailer.config import workspace_mail
 from leadwerk_mailer.consumers import (
     COMMAND_TOPICS,
     CONTACT_TOPICS,
@@ -26,6 +27,7 @@ from leadwerk_mailer.consumers import (
     ConsentHandler,
 )
 from leadwerk_mailer.delivery import OUTBOX_STREAM, Delivery, Deps, RetryWorker, suppress
+from leadwerk_mailer.domain.bounces import BounceFormatError, parse_dsn, parse_webhook
 from leadwerk_mailer.domain.message import Envelope, build
 from leadwerk_mailer.domain.policy import valid_address
 from leadwerk_mailer.domain.templates import Renderer, RenderError
@@ -47,14 +49,6 @@ SCHEMA = "mailer"
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def double_opt_in(settings: MailerSettings) -> dict[str, bool]:
-    """``workspaces[].double_opt_in`` of ``workspaces.yaml`` (on unless switched off)."""
-    path = settings.config_dir / "workspaces.yaml"
-    document: dict[str, Any] = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
-    return {str(w["id"]): bool(w.get("double_opt_in", True))
-            for w in document.get("workspaces") or []}
 
 
 class Mailer:
@@ -93,9 +87,10 @@ class Mailer:
         pool = await create_pool(settings, SCHEMA, settings.database_pool_size)
         await self.publisher.start(wait=5.0)
         outbox = OutboxRelay(pool, self.publisher, schema=SCHEMA, stream=OUTBOX_STREAM)
+        workspaces = await asyncio.to_thread(workspace_mail, settings.config_dir)
         self.deps = deps = Deps(settings, pool, self.templates, self.renderer, self._relays(),
                                 TokenSigner(settings.secret_key.get_secret_value()), outbox,
-                                self.metrics, self.clock)
+                                self.metrics, self.clock, workspaces)
         shipped = await asyncio.to_thread(shipped_templates, settings.config_dir / "templates")
         async with pool.acquire() as connection:
             await self.templates.seed(connection, settings.default_workspace, shipped)
@@ -110,8 +105,7 @@ class Mailer:
                             dead_letter_publisher=self.publisher),
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.consent",
                             topics=CONTACT_TOPICS,
-                            handler=ConsentHandler(deps, self.delivery,
-                                                   double_opt_in(settings)),
+                            handler=ConsentHandler(deps, self.delivery),
                             dead_letter_publisher=self.publisher)]
         self._tasks = [asyncio.create_task(c.run()) for c in self._consumers]
         self._tasks += [asyncio.create_task(outbox.sweep()),
@@ -338,6 +332,22 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
             except asyncpg.DataError as error:
                 raise HTTPException(422, "contact_id is not a contact id") from error
         return await consents(contact_id, workspace)
+
+    @router.post("/bounces", summary="Asynchronous bounces and complaints: an RFC 3464 DSN "
+                 "(multipart/report) or a JSON webhook {\"events\": [...]}")
+    async def bounces(request: Request, workspace: Workspace = default) -> dict[str, Any]:
+        body = await request.body()
+        if len(body) > 1_000_000:
+            raise HTTPException(413, "a bounce report is at most 1 MB")
+        try:
+            if request.headers.get("content-type", "").startswith("application/json"):
+                reported = parse_webhook(orjson.loads(body))
+            else:
+                reported = parse_dsn(body)
+        except (BounceFormatError, orjson.JSONDecodeError) as error:
+            raise HTTPException(422, str(error)) from error
+        assert mailer.delivery is not None  # noqa: S101 - set in start
+        return {"items": await mailer.delivery.report(workspace, reported)}
 
     @router.get("/suppressions", summary="Addresses that get no (marketing) email")
     async def suppressions(workspace: Workspace = default) -> dict[str, Any]:

@@ -59,11 +59,9 @@ class ConsentHandler:
     confirmed where double opt-in applies, with the confirmation email sent), confirmations,
     unsubscribes; erasure and merges."""
 
-    def __init__(self, deps: Deps, delivery: Delivery,
-                 double_opt_in: dict[str, bool]) -> None:
+    def __init__(self, deps: Deps, delivery: Delivery) -> None:
         self._deps = deps
         self._delivery = delivery
-        self._double_opt_in = double_opt_in
 
     async def __call__(self, message: ConsumedMessage) -> None:
         event = message.envelope
@@ -100,7 +98,8 @@ class ConsentHandler:
         if not consents:
             return
         contact_id = str(data["contact_id"])
-        workspace_doi = self._double_opt_in.get(event.workspace, True)
+        workspace = self._deps.workspaces.get(event.workspace)
+        workspace_doi = workspace.double_opt_in if workspace is not None else True
         entries = [(str(c.get("purpose") or "marketing"),
                     "pending" if c.get("double_opt_in", True) or workspace_doi else "granted",
                     c.get("text_version")) for c in consents]

@@ -21,14 +21,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
 import orjson
 
+from leadwerk_mailer.config import WorkspaceMail
+from leadwerk_mailer.domain.bounces import Bounce
 from leadwerk_mailer.domain.message import (
     DkimKey,
     Envelope,
@@ -71,6 +73,7 @@ class Deps:
     outbox: OutboxRelay
     metrics: MailerMetrics
     clock: Callable[[], datetime]
+    workspaces: dict[str, WorkspaceMail] = field(default_factory=dict)
 
 
 class Delivery:
@@ -247,13 +250,16 @@ class Delivery:
 
     def _sender(self, command: dict[str, Any]) -> str:
         """A fixed sender, the contact's owner (the seed documents want mail from the rep),
-        or the workspace's default sender."""
+        or the workspace's sender, else the mailer's default sender."""
         sender = command.get("sender") or {}
         owner = (command.get("personalization") or {}).get("owner")
         if sender.get("kind") == "fixed" and sender.get("address"):
             return str(sender["address"])
         if sender.get("kind") == "owner" and isinstance(owner, str) and "@" in owner:
             return owner
+        workspace = self._deps.workspaces.get(str(command.get("workspace")))
+        if workspace is not None and workspace.sender:
+            return workspace.sender
         return self._deps.settings.default_sender
 
     async def _finish(self, connection: Connection, command_id: str, state: str, *,
@@ -285,6 +291,42 @@ class Delivery:
         await add_to_outbox(connection, OUTBOX_STREAM, [OutgoingMessage(
             self._deps.settings.topic("email-events"),
             f"{row['workspace']}:{row['contact_id']}".encode(), encode(envelope))])
+
+    async def report(self, workspace: str, bounces: Sequence[Bounce]) -> list[dict[str, Any]]:
+        """Bounces and complaints reported after sending (a DSN, a provider webhook): the
+        message becomes ``bounced`` with its event; hard bounces and complaints suppress the
+        address. Delays and deliveries are only acknowledged."""
+        results: list[dict[str, Any]] = []
+        async with self._deps.pool.acquire() as connection, connection.transaction():
+            for bounce in bounces:
+                if bounce.kind in {"delayed", "delivered"}:
+                    results.append({"recipient": bounce.recipient, "action": "ignored"})
+                    continue
+                row = await connection.fetchrow(
+                    "SELECT command_id::text AS command_id, state FROM messages "
+                    "WHERE workspace = $1 AND message_id = $2", workspace, bounce.message_id) \
+                    if bounce.message_id else None
+                if row is None:
+                    row = await connection.fetchrow(
+                        "SELECT command_id::text AS command_id, state FROM messages "
+                        "WHERE workspace = $1 AND lower(to_address) = $2 "
+                        "ORDER BY created_at DESC LIMIT 1", workspace, bounce.recipient)
+                complaint = bounce.kind == "complaint"
+                reason = "complaint" if complaint else (bounce.diagnostic or bounce.status)
+                if complaint or bounce.hard:
+                    await suppress(connection, workspace, bounce.recipient,
+                                   "complaint" if complaint else "hard_bounce", reason)
+                if row is not None and row["state"] in {"sent", "uncertain", "deferred"}:
+                    await self._finish(connection, row["command_id"], "bounced", reason=reason,
+                                       outcome=Outcome("permanent", None, bounce.status,
+                                                       bounce.diagnostic or ""),
+                                       extra={"hard": bounce.hard, "complaint": complaint})
+                    self._deps.metrics.outcomes.labels("bounced").inc()
+                results.append({"recipient": bounce.recipient, "action": bounce.kind,
+                                "suppressed": complaint or bounce.hard,
+                                "command_id": row["command_id"] if row else None})
+        self._deps.outbox.request()
+        return results
 
     @staticmethod
     async def _suppression(connection: Connection, workspace: str, to: object) -> str | None:

@@ -364,3 +364,50 @@ async def test_an_unsubscribe_stops_marketing_mail(rig: Rig) -> None:
             "state"] == "suppressed")
     assert (items[1]["command_id"], items[1]["reason"]) == (second.id, "unsubscribed")
     assert len(rig.sink.to(address)) == 1
+
+
+async def test_a_dsn_after_sending_bounces_the_mail_and_a_complaint_suppresses(
+        rig: Rig) -> None:
+    contact_id, address = str(uuid.uuid4()), f"late.{uuid.uuid4().hex[:6]}@example.de"
+    async with httpx.AsyncClient(timeout=10) as client:
+        await rig.consent(client, contact_id)
+        command = await rig.command(to=address, contact_id=contact_id)
+        await rig.state(client, contact_id, lambda i: bool(i) and i[0]["state"] == "sent")
+        [mail] = rig.sink.to(address)
+        assert mail["From"] == "Leadwerk Demo <hallo@example.com>"  # the workspace's sender
+        report = (
+            "From: MAILER-DAEMON@relay.example\r\nMIME-Version: 1.0\r\n"
+            'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+            "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+            "Reporting-MTA: dns; relay.example\r\n\r\n"
+            f"Final-Recipient: rfc822; {address}\r\nAction: failed\r\nStatus: 5.2.1\r\n"
+            "Diagnostic-Code: smtp; 550 5.2.1 mailbox disabled\r\n\r\n"
+            f"--B\r\nContent-Type: text/rfc822-headers\r\n\r\nMessage-ID: {mail['Message-ID']}"
+            "\r\n--B--\r\n").encode()
+        assert (await client.post(f"{rig.mailer}/api/bounces", content=report)
+                ).status_code == 401
+        answer = await client.post(f"{rig.mailer}/api/bounces", content=report, headers={
+            **ADMIN, "Content-Type": "multipart/report"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["items"] == [{"recipient": address, "action": "failed",
+                                           "suppressed": True, "command_id": command.id}]
+        [log] = await rig.state(client, contact_id,
+                                lambda i: bool(i) and i[0]["state"] == "bounced")
+        assert log["status"] == "5.2.1"
+        again = await rig.command(to=address, contact_id=contact_id)
+        items = await rig.state(client, contact_id, lambda i: len(i) == 2)
+        assert (items[1]["command_id"], items[1]["reason"]) == (again.id, "hard_bounce")
+        # A provider's complaint webhook.
+        other = f"spam.{uuid.uuid4().hex[:6]}@example.de"
+        complaint = await client.post(f"{rig.mailer}/api/bounces", headers=ADMIN, json={
+            "events": [{"type": "complaint", "recipient": other}]})
+        assert complaint.json()["items"][0]["suppressed"] is True
+        listed = (await client.get(f"{rig.mailer}/api/suppressions", headers=ADMIN)).json()
+        assert {"address": other, "reason": "complaint"}.items() <= next(
+            s for s in listed["items"] if s["address"] == other).items()
+        garbage = await client.post(f"{rig.mailer}/api/bounces", headers=ADMIN,
+                                    content=b"hello")
+        assert garbage.status_code == 422
+    bounced = [e for e in await rig.events(1) if e["type"] == "email.bounced.v1"
+               and e["data"]["command_id"] == command.id]
+    assert bounced[0]["data"]["hard"] is True

@@ -58,9 +58,10 @@ class Workspace(BaseModel):
     #: Where the opt-in confirmation and unsubscribe pages link back to.
     website_url: str | None = None
     #: Read by scoring (traits that identify a person) and the mailer (marketing consent
-    #: needs a confirmed double opt-in); listed here so ingest accepts the shared file.
+    #: needs a confirmed double opt-in; the default sender); listed so ingest accepts them.
     identifiers: list[str] = Field(default_factory=list)
     double_opt_in: bool = True
+    sender: str | None = None
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins
