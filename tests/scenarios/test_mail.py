@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from .conftest import Stack, browser, submit_form
+from .conftest import Stack, browser, journeys_of, known_contact, submit_form
 
 INSIDE_SALES = {"anna.berger@example.de", "jonas.weber@example.de", "mia.schulz@example.de"}
 
@@ -109,6 +109,21 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
 
         refusal = await stack.eventually(refused)
         assert refusal["reason"] == "unsubscribed"
+
+        async def told() -> dict[str, list[tuple[str, str, str]]] | None:
+            """The mailer's verdicts reached each journey step's history."""
+            items = await journeys_of(stack, client, contact_id)
+            steps = {e["journey_id"]: [(h["step"], h["action"], h["reason"])
+                                       for h in e["history"]] for e in items}
+            done = any(a == "email_suppressed" for _, a, _ in steps.get(
+                "whitepaper-sequence", [])) and any(
+                a == "email_sent" for _, a, _ in steps.get("welcome", []))
+            return steps if done else None
+
+        history = await stack.eventually(told)
+        assert ("welcome-mail", "email_sent") in [(s, a) for s, a, _ in history["welcome"]]
+        assert ("info-mail", "email_suppressed", "unsubscribed") in \
+            history["whitepaper-sequence"]
     assert len(await mails_to(stack, address, 2)) == 2
 
 
@@ -128,3 +143,35 @@ async def test_journeys_name_only_templates_the_mailer_has(stack: Stack) -> None
         accepted = await client.put(f"{stack.workflow}/api/journeys/typo", json=journey,
                                     headers=stack.admin)
         assert accepted.status_code == 201, accepted.text
+
+
+async def test_a_hard_bounce_reported_later_ends_the_contacts_journeys(stack: Stack) -> None:
+    async with browser() as client:
+        contact_id = await known_contact(stack, client)
+        consent = await client.post(f"{stack.mailer}/api/contacts/{contact_id}/consents",
+                                    headers=stack.admin,
+                                    json={"action": "granted", "source": "crm import"})
+        assert consent.status_code == 201
+        await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
+                                            "event": "Document Downloaded"})
+
+        async def sent() -> dict[str, Any] | None:
+            items = [m for m in await messages(stack, client, contact_id)
+                     if m["template_id"] == "whitepaper-info" and m["state"] == "sent"]
+            return items[0] if items else None
+
+        mail = await stack.eventually(sent)
+        bounce = await client.post(f"{stack.mailer}/api/bounces", headers=stack.admin, json={
+            "events": [{"type": "bounce", "recipient": mail["to_address"], "status": "5.1.1",
+                        "message_id": mail["message_id"]}]})
+        assert bounce.status_code == 200, bounce.text
+
+        async def ended() -> dict[str, Any] | None:
+            items = [e for e in await journeys_of(stack, client, contact_id)
+                     if e["journey_id"] == "whitepaper-sequence" and e["state"] == "exited"]
+            return items[0] if items else None
+
+        enrollment = await stack.eventually(ended)
+    assert enrollment["end_reason"] == "email bounced"
+    actions = [h["action"] for h in enrollment["history"]]
+    assert actions[-3:] == ["email_sent", "email_bounced", "exited"]

@@ -27,7 +27,12 @@ from leadwerk_workflow.engine import (
 from leadwerk_workflow.timers import TimerWorker
 from leadwerk_workflow.triggers import Triggers
 
-TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq"}
+TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq",
+          "email-events": "email-events-dlq"}
+#: What the mailer did with a journey's email, as the step's history shows it.
+EMAIL_OUTCOMES = {"email.sent.v1": "email_sent", "email.bounced.v1": "email_bounced",
+                  "email.failed.v1": "email_failed", "email.suppressed.v1": "email_suppressed",
+                  "email.deferred.v1": "email_deferred"}
 _ENROLLMENT_COLUMNS = (
     "enrollment_id::text AS enrollment_id, workspace, journey_id, version, "
     "contact_id::text AS contact_id, step, due_at, waiting_for, visits, branches")
@@ -102,6 +107,8 @@ class ContactEventHandler:
                     await connection.execute(
                         f"DELETE FROM {table} WHERE workspace = $1 "  # noqa: S608
                         "AND contact_id = ANY($2::uuid[])", workspace, ids)
+            case kind if kind in EMAIL_OUTCOMES:
+                await self._email_outcome(connection, envelope, contact_id)
             case _:
                 return False
         if change is not None:
@@ -135,6 +142,38 @@ class ContactEventHandler:
                     event.matches(kind, name, properties):
                 await self._engine.run(connection, ref, position_of(row), via="on_event",
                                        outgoing=outgoing)
+
+    async def _email_outcome(self, connection: Any, envelope: Envelope,
+                             contact_id: str) -> None:
+        """The mailer's verdict on a journey's email goes into that step's history ("why did
+        this contact not get it": no consent, unsubscribed …); a hard bounce or a complaint
+        ends the contact's journeys that exit on unsubscribe, since nobody reads the mail."""
+        data, workspace = envelope.data, envelope.workspace
+        origin = data.get("origin") or {}
+        action = EMAIL_OUTCOMES[envelope.type]
+        reason = data.get("reason") or data.get("smtp_response") or data.get("template")
+        enrollment = origin.get("enrollment_id")
+        if isinstance(enrollment, str):
+            await connection.execute(
+                "INSERT INTO journey_history (enrollment_id, workspace, contact_id, journey_id, "
+                "version, step_id, action, reason, at) SELECT enrollment_id, workspace, "
+                "contact_id, journey_id, $2, $3, $4, $5, $6 FROM enrollments "
+                "WHERE enrollment_id::text = $1",
+                enrollment, int(origin.get("journey_version") or 0),
+                origin.get("step_id"), action, str(reason or ""), envelope.occurred_at)
+        if envelope.type == "email.bounced.v1" and (data.get("hard") or data.get("complaint")):
+            rows = await connection.fetch(
+                f"SELECT {_ENROLLMENT_COLUMNS} FROM enrollments "  # noqa: S608
+                "WHERE workspace = $1 AND contact_id = $2 AND state = 'active' FOR UPDATE",
+                workspace, contact_id)
+            for row in rows:
+                journey = await self._engine.journeys.version(connection, workspace,
+                                                              row["journey_id"], row["version"])
+                if journey.settings.exit_on_unsubscribe:
+                    await self._engine.exit(
+                        connection, Ref(row["enrollment_id"], workspace, journey, contact_id),
+                        row["step"], "complaint" if data.get("complaint") else
+                        "email bounced")
 
     async def _sales_responded(self, connection: Any, workspace: str, contact_id: str,
                                stage: str, outgoing: list[OutgoingMessage]) -> None:
