@@ -141,6 +141,12 @@ async def journeys_of(stack: Stack, client: httpx.AsyncClient,
     return items
 
 
+def journey_steps(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A journey's own history: without the mailer's verdicts (``email_sent`` …), which
+    arrive asynchronously from email-events and interleave."""
+    return [h for h in history if not str(h["action"]).startswith("email_")]
+
+
 async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) -> str:
     user_id = f"crm-{uuid.uuid4().hex[:8]}"
     address = f"lead.{uuid.uuid4().hex[:8]}@example.de"

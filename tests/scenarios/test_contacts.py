@@ -119,7 +119,7 @@ async def test_two_devices_joined_by_email_share_one_timeline(stack: Stack) -> N
             found = await find(stack, client, email=address)
             if found is None or len(await timeline(stack, client, found["id"])) < 5:
                 return None
-            return found
+            return await find(stack, client, email=address)  # identifiers after the merge
 
         found = await stack.eventually(joined)
         devices = {i["value"] for i in found["identifiers"] if i["kind"] == "anonymous"}

@@ -12,7 +12,15 @@ from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
 from leadwerk_platform.tokens import EmailToken, TokenKind, TokenSigner
 
-from .conftest import Stack, browser, commands, journeys_of, known_contact, submit_form
+from .conftest import (
+    Stack,
+    browser,
+    commands,
+    journey_steps,
+    journeys_of,
+    known_contact,
+    submit_form,
+)
 
 
 async def test_the_whitepaper_sequence_with_its_waits_and_the_non_opener_branch(
@@ -42,7 +50,7 @@ async def test_the_whitepaper_sequence_with_its_waits_and_the_non_opener_branch(
         [enrollment] = [e for e in await journeys_of(stack, client, contact_id)
                         if e["journey_id"] == "whitepaper-sequence"]
         assert enrollment["state"] == "completed"
-        actions = [(h["step"], h["action"]) for h in enrollment["history"]]
+        actions = [(h["step"], h["action"]) for h in journey_steps(enrollment["history"])]
         assert actions == [(None, "entered"), ("info-mail", "email"), ("wait-3d", "wait"),
                            ("invitation", "email"), ("opened", "wait_for"),
                            ("opened", "timeout"), ("reminder", "email"), ("done", "end")]
@@ -183,7 +191,7 @@ async def test_an_opened_invitation_ends_the_sequence_without_a_reminder(stack: 
             enrollment = await stack.eventually(finished)
         finally:
             stack.clock.offset = timedelta(0)
-        steps = [(h["step"], h["action"]) for h in enrollment["history"]]
+        steps = [(h["step"], h["action"]) for h in journey_steps(enrollment["history"])]
         assert steps[-3:] == [("opened", "wait_for"), ("opened", "event"), ("done", "end")]
         assert "reminder" not in {step for step, _ in steps}
 
