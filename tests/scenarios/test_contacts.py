@@ -263,10 +263,23 @@ async def test_merge_export_and_erasure_through_the_api(stack: Stack) -> None:
         assert erased.status_code == 200
         assert (await stack.api(client, "GET", f"/contacts/{a['id']}")).status_code == 404
         assert await find(stack, client, email=first) is None
-        # An in-flight event for the erased person does not bring the profile back.
+        # An in-flight event for the erased person does not bring the profile back, nor
+        # does a journey's change request sent after the erasure.
         await submit_form(stack, client, visitor(), first)
+        late = {"name": "Late", "trigger": {"manual": True}, "start": "tag", "steps": {
+            "tag": {"type": "tag", "add": ["late"], "next": "end"}, "end": {"type": "end"}}}
+        base = f"{stack.workflow}/api/journeys/late-change"
+        assert (await client.put(base, json=late, headers=stack.admin)).status_code == 201
+        enrolled = await client.post(f"{base}/enroll", headers=stack.admin,
+                                     json={"contact_id": a["id"]})
+        assert enrolled.status_code == 201, enrolled.text
         await asyncio.sleep(1.5)
         assert await find(stack, client, email=first) is None
+        assert (await stack.api(client, "GET", f"/contacts/{a['id']}")).status_code == 404
+        assert stack.service.deps is not None
+        left = await stack.service.deps.pool.fetchval(
+            "SELECT count(*) FROM scores WHERE contact_id = $1", a["id"])
+        assert left == 0
 
 
 async def test_a_model_change_rescores_from_the_timeline_without_double_counting(

@@ -65,7 +65,7 @@ class ScoreRow:
     stage: str
     model_version: int
     causes: list[dict[str, Any]] = field(default_factory=list)
-    gone: bool = False  # merged into another row during this batch
+    gone: bool = False  # merged into another row during this batch, or erased
 
     def value_at(self, moment: datetime, model: ScoringModel) -> float:
         if self.engagement_at is None:
@@ -347,6 +347,18 @@ class Scorer:
         row = rows[key]
         now = self._deps.clock()
         at = envelope.occurred_at
+        if envelope.type in {"contact.change_requested.v1", "crm.lead_feedback.v1"} and \
+                not await connection.fetchval(
+                    "SELECT 1 FROM contacts WHERE workspace = $1 AND contact_id = $2",
+                    row.workspace, row.contact_id):
+            # Another service asks about a contact that is gone (erased, or never existed):
+            # nothing to change, and no empty score row left behind.
+            row.gone = True
+            await connection.execute(
+                "DELETE FROM scores WHERE workspace = $1 AND contact_id = $2 "
+                "AND engagement_at IS NULL", row.workspace, row.contact_id)
+            self._deps.metrics.skipped.labels("unknown_contact").inc()
+            return None
         previous_score = row.value_at(at, model)
         previous_rating = rating(row.grade, model.band(round(previous_score, 2)))
         row.causes = []
