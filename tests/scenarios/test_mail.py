@@ -172,6 +172,13 @@ async def test_a_hard_bounce_reported_later_ends_the_contacts_journeys(stack: St
             return items[0] if items else None
 
         enrollment = await stack.eventually(ended)
+
+        async def flagged() -> bool:
+            """Scoring consumed the bounce too: the contact says nobody reads the address."""
+            body = (await stack.api(client, "GET", f"/contacts/{contact_id}")).json()
+            return bool(body["traits"].get("email_status") == "bounced")
+
+        await stack.eventually(flagged)
     assert enrollment["end_reason"] == "email bounced"
     actions = [h["action"] for h in enrollment["history"]]
     assert actions[-3:] == ["email_sent", "email_bounced", "exited"]

@@ -100,7 +100,8 @@ class Scoring:
             self.processors["scorer"] = StreamProcessor(
                 self.settings, group_id="scoring.scorer",
                 topics={"contact-events": "contact-events-dlq", "crm-events": "crm-events-dlq",
-                        "contact-commands": "contact-commands-dlq"},
+                        "contact-commands": "contact-commands-dlq",
+                        "email-events": "email-events-dlq"},
                 handler=Scorer(deps, self.relays["scorer"], self.timer),
                 publisher=self.publisher, on_fatal=self.on_fatal, policy=policy)
         for processor in self.processors.values():

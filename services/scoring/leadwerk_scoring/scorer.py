@@ -347,17 +347,7 @@ class Scorer:
         row = rows[key]
         now = self._deps.clock()
         at = envelope.occurred_at
-        if envelope.type in {"contact.change_requested.v1", "crm.lead_feedback.v1"} and \
-                not await connection.fetchval(
-                    "SELECT 1 FROM contacts WHERE workspace = $1 AND contact_id = $2",
-                    row.workspace, row.contact_id):
-            # Another service asks about a contact that is gone (erased, or never existed):
-            # nothing to change, and no empty score row left behind.
-            row.gone = True
-            await connection.execute(
-                "DELETE FROM scores WHERE workspace = $1 AND contact_id = $2 "
-                "AND engagement_at IS NULL", row.workspace, row.contact_id)
-            self._deps.metrics.skipped.labels("unknown_contact").inc()
+        if await self._gone(connection, envelope, row):
             return None
         previous_score = row.value_at(at, model)
         previous_rating = rating(row.grade, model.band(round(previous_score, 2)))
@@ -387,25 +377,19 @@ class Scorer:
             case "contact.merged.v1":
                 await self._merge(connection, writer, rows=rows, row=row, model=model,
                                   envelope=envelope)
-            case "contact.change_requested.v1":
-                # Only known contacts are in journeys; this may arrive before the activity
-                # that identified the contact, so it identifies it too (visitor → lead).
+            case "contact.change_requested.v1" | "crm.lead_feedback.v1":
+                # Only known contacts are in journeys and the CRM; this may arrive before the
+                # activity that identified the contact, so it identifies it too.
                 row.known = True
                 await writer.transition(row, lifecycle.on_identified(row.stage), model, at,
                                         envelope.id)
-                problem = await self._change(connection, writer, row, model, envelope, traits)
+                problem = await self._change(connection, writer, row, model, envelope, traits) \
+                    if envelope.type == "contact.change_requested.v1" \
+                    else await self._feedback(writer, row, model, envelope)
                 if problem:
                     return problem
-            case "crm.lead_feedback.v1":
-                row.known = True
-                await writer.transition(row, lifecycle.on_identified(row.stage), model, at,
-                                        envelope.id)
-                try:
-                    change = lifecycle.on_feedback(row.stage, str(data.get("status")),
-                                                   data.get("reason"))
-                except TransitionError as error:
-                    return str(error)
-                await writer.transition(row, change, model, at, envelope.id)
+            case "email.bounced.v1":
+                await self._bounced(connection, writer, row, envelope, traits)
             case _:
                 return None  # another service's event on a shared topic: not ours to score
         writer.announce(row, model, now if at > now else at, previous_score=previous_score,
@@ -442,9 +426,53 @@ class Scorer:
                             traits=traits)
         return None
 
-    async def _set_traits(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
-                          envelope: Envelope) -> dict[str, Any] | None:
+    @staticmethod
+    async def _feedback(writer: ScoreWriter, row: ScoreRow, model: ScoringModel,
+                        envelope: Envelope) -> str | None:
+        """Sales' verdict from the CRM (``crm.lead_feedback.v1``)."""
+        try:
+            change = lifecycle.on_feedback(row.stage, str(envelope.data.get("status")),
+                                           envelope.data.get("reason"))
+        except TransitionError as error:
+            return str(error)
+        await writer.transition(row, change, model, envelope.occurred_at, envelope.id)
+        return None
+
+    async def _gone(self, connection: Any, envelope: Envelope, row: ScoreRow) -> bool:
+        """Another service asks about a contact that is gone (erased, or never existed):
+        nothing to change, and no empty score row left behind."""
+        if envelope.type not in {"contact.change_requested.v1", "crm.lead_feedback.v1",
+                                 "email.bounced.v1"} or await connection.fetchval(
+                "SELECT 1 FROM contacts WHERE workspace = $1 AND contact_id = $2",
+                row.workspace, row.contact_id):
+            return False
+        row.gone = True
+        await connection.execute(
+            "DELETE FROM scores WHERE workspace = $1 AND contact_id = $2 "
+            "AND engagement_at IS NULL", row.workspace, row.contact_id)
+        self._deps.metrics.skipped.labels("unknown_contact").inc()
+        return True
+
+    async def _bounced(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
+                       envelope: Envelope, traits: dict[tuple[str, str], dict[str, Any]],
+                       ) -> None:
+        """Nobody reads mail at this address (hard bounce) or the person called it spam
+        (complaint): the contact's ``email_status`` says so, for segments, journey
+        conditions and the CRM."""
         data = envelope.data
+        if not (data.get("hard") or data.get("complaint")):
+            return
+        status = "complaint" if data.get("complaint") else "bounced"
+        updated = await self._set_traits(connection, writer, row, envelope,
+                                         data={"traits": {"email_status": status}})
+        if updated is not None:
+            traits[(row.workspace, row.contact_id)] = updated
+
+    async def _set_traits(self, connection: Any, writer: ScoreWriter, row: ScoreRow,
+                          envelope: Envelope,
+                          data: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Trait and tag changes (``data``: the envelope's own unless given)."""
+        data = envelope.data if data is None else data
         stored = await connection.fetchval(
             "SELECT traits FROM contacts WHERE workspace = $1 AND contact_id = $2 FOR UPDATE",
             row.workspace, row.contact_id)
