@@ -41,6 +41,7 @@ lint: setup  ## ruff + mypy (strict)
 	@$(UV) run --no-sync mypy services/scoring/tests
 	@$(UV) run --no-sync mypy services/workflow/tests
 	@$(UV) run --no-sync mypy services/mailer/tests
+	@$(UV) run --no-sync mypy services/crm-bridge/tests
 	@$(UV) run --no-sync mypy libs/platform/tests tests bench
 
 format: setup  ## apply ruff's fixes and formatting

@@ -37,7 +37,8 @@ def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, i
                 "LEADWERK_SCORING_PORT": str(scoring_port),
                 "LEADWERK_WORKFLOW_PORT": str(free_port()),
                 "LEADWERK_MAILER_PORT": str(mailer_port),
-                "LEADWERK_MAIL_CATCHER_PORT": str(free_port())})
+                "LEADWERK_MAIL_CATCHER_PORT": str(free_port()),
+                "LEADWERK_CRM_BRIDGE_PORT": str(free_port())})
     log = tmp_path / "stack.log"
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],

@@ -62,6 +62,7 @@ class Workspace(BaseModel):
     identifiers: list[str] = Field(default_factory=list)
     double_opt_in: bool = True
     sender: str | None = None
+    allow_private_webhooks: bool = False  # read by the crm-bridge (SSRF protection)
 
     def allows_origin(self, origin: str) -> bool:
         return "*" in self.allowed_origins or origin in self.allowed_origins
