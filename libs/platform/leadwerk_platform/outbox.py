@@ -37,6 +37,17 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_stream_id ON outbox (stream, id);
 """
 
+#: The idempotent consumer's record: which event ids a consumer has applied (written in the
+#: transaction with the effects, so a redelivered event is recognised and skipped).
+PROCESSED_TABLE_SQL = """
+CREATE TABLE processed (
+    consumer text NOT NULL,
+    event_id uuid NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+);
+"""
+
 
 async def add_to_outbox(connection: Any, stream: str,
                         messages: Sequence[OutgoingMessage]) -> None:

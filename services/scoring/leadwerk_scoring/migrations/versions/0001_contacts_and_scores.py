@@ -3,7 +3,7 @@
 from alembic import op
 
 from leadwerk_platform.migrations import execute_script
-from leadwerk_platform.outbox import OUTBOX_TABLE_SQL
+from leadwerk_platform.outbox import OUTBOX_TABLE_SQL, PROCESSED_TABLE_SQL
 
 revision = "0001"
 down_revision = None
@@ -73,13 +73,7 @@ CREATE TABLE blocked_identities (
     PRIMARY KEY (workspace, digest)
 );
 
--- "Processed event X", written in the same transaction as the effect (idempotent consumers).
-CREATE TABLE processed (
-    consumer text NOT NULL,
-    event_id uuid NOT NULL,
-    processed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, event_id)
-);
+-- The processed records (PROCESSED_TABLE_SQL) by age, for the retention sweep.
 CREATE INDEX processed_age ON processed (processed_at);
 
 CREATE TABLE scores (
@@ -146,7 +140,7 @@ CREATE TABLE scoring_models (
 
 
 def upgrade() -> None:
-    execute_script(SCHEMA + OUTBOX_TABLE_SQL)
+    execute_script(PROCESSED_TABLE_SQL + SCHEMA + OUTBOX_TABLE_SQL)
 
 
 def downgrade() -> None:

@@ -3,7 +3,7 @@
 from alembic import op
 
 from leadwerk_platform.migrations import execute_script
-from leadwerk_platform.outbox import OUTBOX_TABLE_SQL
+from leadwerk_platform.outbox import OUTBOX_TABLE_SQL, PROCESSED_TABLE_SQL
 
 revision = "0001"
 down_revision = None
@@ -79,18 +79,11 @@ CREATE TABLE contact_state (
     updated_at timestamptz NOT NULL,
     PRIMARY KEY (workspace, contact_id)
 );
-
-CREATE TABLE processed (
-    consumer text NOT NULL,
-    event_id uuid NOT NULL,
-    processed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (consumer, event_id)
-);
 """
 
 
 def upgrade() -> None:
-    execute_script(SCHEMA + OUTBOX_TABLE_SQL)
+    execute_script(PROCESSED_TABLE_SQL + SCHEMA + OUTBOX_TABLE_SQL)
 
 
 def downgrade() -> None:
