@@ -1,11 +1,13 @@
-"""What every admin API shares: the bearer-token guard and the workspace query parameter."""
+"""What every admin API shares: the bearer-token guard, the workspace query parameter and
+document bodies in JSON or YAML."""
 
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Query
+import yaml
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 _bearer = HTTPBearer(auto_error=False)
@@ -24,3 +26,15 @@ class AdminGuard:
                 credentials.credentials.encode(), self._expected):
             raise HTTPException(401, "admin token required (Authorization: Bearer …)",
                                 headers={"WWW-Authenticate": "Bearer"})
+
+
+async def document_body(request: Request, what: str) -> dict[str, Any]:
+    """A request body holding one object as JSON or YAML (journeys, templates); 422 when it
+    is neither or not an object (``what`` names it in the answer)."""
+    try:
+        document = yaml.safe_load(await request.body())
+    except yaml.YAMLError as error:
+        raise HTTPException(422, f"not JSON or YAML: {error}") from error
+    if not isinstance(document, dict):
+        raise HTTPException(422, f"{what} is an object")
+    return document

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import asyncpg
 import orjson
-import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -35,7 +34,7 @@ from leadwerk_mailer.metrics import MailerMetrics
 from leadwerk_mailer.settings import MailerSettings
 from leadwerk_mailer.templates import TemplateStore, shipped_templates
 from leadwerk_mailer.transport import RateLimit, Relay, RelayConfig
-from leadwerk_platform.admin import AdminGuard, Workspace
+from leadwerk_platform.admin import AdminGuard, Workspace, document_body
 from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
@@ -191,15 +190,6 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
             raise HTTPException(503, "starting")
         return mailer.deps
 
-    async def body_document(request: Request) -> dict[str, Any]:
-        try:
-            document = yaml.safe_load(await request.body())
-        except yaml.YAMLError as error:
-            raise HTTPException(422, f"not JSON or YAML: {error}") from error
-        if not isinstance(document, dict):
-            raise HTTPException(422, "a template is an object")
-        return document
-
     @router.get("/templates", summary="Templates with their latest version")
     async def list_templates(workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
@@ -224,15 +214,15 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
 
     @router.post("/templates/validate", summary="Check a template without storing it")
     async def validate(request: Request, workspace: Workspace = default) -> dict[str, Any]:
+        document = await document_body(request, "a template")
         async with deps().pool.acquire() as connection:
-            _, problems = await mailer.templates.validate(connection, workspace,
-                                                          await body_document(request))
+            _, problems = await mailer.templates.validate(connection, workspace, document)
         return {"valid": not problems, "problems": [p.to_dict() for p in problems]}
 
     @router.put("/templates/{template_id}", summary="Create or edit (a new version)")
     async def put_template(template_id: str, request: Request,
                            workspace: Workspace = default) -> JSONResponse:
-        document = {**await body_document(request), "id": template_id}
+        document = {**await document_body(request, "a template"), "id": template_id}
         async with deps().pool.acquire() as connection:
             template, problems = await mailer.templates.validate(connection, workspace,
                                                                  document)

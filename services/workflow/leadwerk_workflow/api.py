@@ -12,12 +12,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-import yaml
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from leadwerk_platform.admin import AdminGuard, Workspace
+from leadwerk_platform.admin import AdminGuard, Workspace, document_body
 from leadwerk_platform.conditions import parse_period
 from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
@@ -173,15 +172,6 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
             raise HTTPException(503, "starting")
         return workflow.deps
 
-    async def body_document(request: Request) -> dict[str, Any]:
-        try:
-            document = yaml.safe_load(await request.body())
-        except yaml.YAMLError as error:
-            raise HTTPException(422, f"not JSON or YAML: {error}") from error
-        if not isinstance(document, dict):
-            raise HTTPException(422, "a journey is an object")
-        return document
-
     @router.get("/journeys", summary="Journeys with status and versions")
     async def list_journeys(workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
@@ -228,14 +218,14 @@ def _router(workflow: Workflow, settings: WorkflowSettings) -> APIRouter:  # noq
     @router.post("/journeys/validate", summary="Check a journey without storing it")
     async def validate(request: Request, workspace: Workspace = default) -> dict[str, Any]:
         known, warnings = await templates(workspace)
-        _, problems = parse(await body_document(request), known, teams())
+        _, problems = parse(await document_body(request, "a journey"), known, teams())
         return {"valid": not problems, "problems": [p.to_dict() for p in problems],
                 "warnings": warnings}
 
     @router.put("/journeys/{journey_id}", summary="Create or edit (a new version)")
     async def put_journey(journey_id: str, request: Request,
                           workspace: Workspace = default) -> JSONResponse:
-        document = {**await body_document(request), "id": journey_id}
+        document = {**await document_body(request, "a journey"), "id": journey_id}
         document.pop("status", None)
         known, warnings = await templates(workspace)
         journey, problems = parse(document, known, teams())
