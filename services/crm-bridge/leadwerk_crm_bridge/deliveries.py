@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -83,13 +83,16 @@ class Deps:
     metrics: BridgeMetrics
     clock: Callable[[], datetime]
 
-    def secrets(self) -> list[str]:
-        configured = self.settings.webhook_secrets.get_secret_value().split()
-        if configured:
+    def secrets(self, purpose: Literal["outbound", "inbound"]) -> list[str]:
+        """The ``whsec_`` secrets that sign what we send (``outbound``) or verify what CRMs
+        send us (``inbound``); outside production, one derived from the platform key when
+        none is configured."""
+        setting = self.settings.webhook_secrets if purpose == "outbound" \
+            else self.settings.inbound_secrets
+        configured = setting.get_secret_value().split()
+        if configured or self.settings.environment is Environment.PRODUCTION:
             return configured
-        if self.settings.environment is Environment.PRODUCTION:
-            return []
-        return [development_secret(self.settings.secret_key.get_secret_value(), "outbound")]
+        return [development_secret(self.settings.secret_key.get_secret_value(), purpose)]
 
 
 class CommandHandler:
@@ -203,7 +206,7 @@ class DeliveryWorker(DueTimer):
 
     async def send(self, workspace: str, url: str, delivery_id: str, body: bytes) -> Answer:
         """One signed POST to ``url`` through the SSRF check."""
-        secrets = self._deps.secrets()
+        secrets = self._deps.secrets("outbound")
         if not secrets:
             return Answer(None, "no webhook secret configured (LEADWERK_WEBHOOK_SECRETS)",
                           final=True)

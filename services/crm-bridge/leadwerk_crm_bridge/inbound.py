@@ -11,11 +11,9 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from leadwerk_crm_bridge.deliveries import Deps
-from leadwerk_crm_bridge.domain.outbound import development_secret
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.outbox import add_to_outbox
-from leadwerk_platform.settings import Environment
 
 OUTBOX_STREAM = "inbound"
 _NAMESPACE = uuid.UUID("9a8b7c6d-5e4f-5a3b-8c2d-1e0f9a8b7c6d")
@@ -31,17 +29,10 @@ class InboundError(ValueError):
         self.status = status
 
 
-def secrets(deps: Deps) -> list[str]:
-    configured = deps.settings.inbound_secrets.get_secret_value().split()
-    if configured or deps.settings.environment is Environment.PRODUCTION:
-        return configured
-    return [development_secret(deps.settings.secret_key.get_secret_value(), "inbound")]
-
-
 def verified(deps: Deps, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
     """The payload, once one of our secrets verifies the signature (and the timestamp is
     within five minutes); else :class:`InboundError` 401."""
-    keys = secrets(deps)
+    keys = deps.secrets("inbound")
     if not keys:
         raise InboundError(503, "no inbound webhook secret configured "
                                 "(LEADWERK_INBOUND_WEBHOOK_SECRETS)")
