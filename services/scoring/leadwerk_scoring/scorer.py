@@ -48,6 +48,11 @@ from leadwerk_scoring.runtime import Deps
 logger = logging.getLogger(__name__)
 
 CONSUMER = "scorer"
+#: The message types the scorer applies; the rest of its topics (email events other than
+#: bounces, …) are recorded as processed without locking a score row.
+APPLIED = frozenset({"contact.activity.v1", "contact.profile_changed.v1", "contact.merged.v1",
+                     "contact.change_requested.v1", "crm.lead_feedback.v1",
+                     "email.bounced.v1"})
 OUTBOX_STREAM = "scorer"
 _DOWNGRADE_BATCH = 500
 
@@ -302,6 +307,8 @@ class Scorer:
                 if not isinstance(contact_id, str):
                     rejected.append(Rejected(message, f"{envelope.type} without a contact id"))
                     continue
+                if envelope.type not in APPLIED:
+                    continue  # another service's event on a shared topic: no row to lock
                 todo.append((message, contact_id))
             now = self._deps.clock()
             models = {w: await self._deps.models.current(connection, w)
@@ -390,8 +397,6 @@ class Scorer:
                     return problem
             case "email.bounced.v1":
                 await self._bounced(connection, writer, row, envelope, traits)
-            case _:
-                return None  # another service's event on a shared topic: not ours to score
         writer.announce(row, model, now if at > now else at, previous_score=previous_score,
                         previous_rating=previous_rating, cause_id=envelope.id)
         return None
