@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
+import yaml
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,6 +34,15 @@ class LogFormat(StrEnum):
 def repository_root() -> Path:
     """The checkout this library lives in (used for the default config and schema folders)."""
     return Path(__file__).resolve().parents[3]
+
+
+def config_entries(config_dir: Path, file: str, key: str) -> list[dict[str, Any]]:
+    """The list under ``key`` in an optional YAML file of the configuration folder (e.g.
+    ``workspaces.yaml``'s ``workspaces``, which several services read their part of)."""
+    path = config_dir / file
+    document = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+    entries: list[dict[str, Any]] = document.get(key) or []
+    return entries
 
 
 class PlatformSettings(BaseSettings):

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from leadwerk_crm_bridge.domain.outbound import (
@@ -36,7 +35,7 @@ from leadwerk_crm_bridge.metrics import BridgeMetrics
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, format_timestamp
 from leadwerk_platform.kafka.consumer import ConsumedMessage
-from leadwerk_platform.settings import Environment
+from leadwerk_platform.settings import Environment, config_entries
 from leadwerk_platform.timers import DueTimer
 
 logger = logging.getLogger(__name__)
@@ -64,14 +63,10 @@ class Config:
 
     @classmethod
     def load(cls, config_dir: Path) -> Config:
-        def read(name: str) -> dict[str, Any]:
-            path = config_dir / name
-            return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
         connectors = [Connector.model_validate(c)
-                      for c in read("connectors.yaml").get("connectors") or []]
-        private = frozenset(str(w["id"]) for w in read("workspaces.yaml").get("workspaces")
-                            or [] if w.get("allow_private_webhooks"))
+                      for c in config_entries(config_dir, "connectors.yaml", "connectors")]
+        private = frozenset(str(w["id"]) for w in config_entries(
+            config_dir, "workspaces.yaml", "workspaces") if w.get("allow_private_webhooks"))
         return cls(connectors, private)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
+from leadwerk_platform.settings import config_entries
 
 
 @dataclass(frozen=True)
@@ -18,7 +17,5 @@ class WorkspaceMail:
 
 
 def workspace_mail(config_dir: Path) -> dict[str, WorkspaceMail]:
-    path = config_dir / "workspaces.yaml"
-    document: dict[str, Any] = (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
     return {str(w["id"]): WorkspaceMail(bool(w.get("double_opt_in", True)), w.get("sender"))
-            for w in document.get("workspaces") or []}
+            for w in config_entries(config_dir, "workspaces.yaml", "workspaces")}

@@ -4,22 +4,18 @@ the default scoring model."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+from leadwerk_platform.settings import config_entries
 from leadwerk_scoring.domain.model import ScoringModel
 
 
 def declared_identifiers(config_dir: Path) -> dict[str, tuple[str, ...]]:
     """``workspaces[].identifiers`` of ``workspaces.yaml``: traits that identify a person
     (e.g. a customer number) besides user id and email."""
-    path = config_dir / "workspaces.yaml"
-    if not path.exists():
-        return {}
-    document: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     return {str(w["id"]): tuple(str(i) for i in w.get("identifiers") or ())
-            for w in document.get("workspaces") or []}
+            for w in config_entries(config_dir, "workspaces.yaml", "workspaces")}
 
 
 def default_model(config_dir: Path) -> ScoringModel:
