@@ -4,12 +4,11 @@ library, and the inbound CRM webhook to crm-events."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +32,7 @@ from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
 from leadwerk_platform.testing.helpers import (
     create_database,
+    eventually,
     migrate,
     read_topic,
     serve_app,
@@ -109,15 +109,6 @@ class Rig:
         items: list[dict[str, Any]] = response.json()["items"]
         return items
 
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not reached within {timeout}s: {result!r}"
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

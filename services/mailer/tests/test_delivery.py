@@ -7,9 +7,8 @@ import asyncio
 import base64
 import email
 import email.policy
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -34,6 +33,7 @@ from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
 from leadwerk_platform.testing.helpers import (
     create_database,
+    eventually,
     migrate,
     read_topic,
     serve_app,
@@ -131,15 +131,6 @@ class Rig:
         return values(await read_topic(self.settings.kafka_bootstrap_servers,
                                        self.settings.topic("email-events"), count, timeout=15))
 
-
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await probe()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not reached within {timeout}s: {result!r}"
-        await asyncio.sleep(0.1)
 
 
 def dkim_keypair() -> tuple[str, bytes]:

@@ -1,4 +1,5 @@
-"""Helpers for integration tests: read what landed on a topic, serve an app on a real port."""
+"""Helpers for integration tests: read what landed on a topic, serve an app on a real port,
+wait for an asynchronous outcome."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -90,3 +91,16 @@ async def migrate(database_url: str, service: str) -> None:
         msg = f"{service} has no migrations"
         raise ValueError(msg)
     await asyncio.to_thread(upgrade, database_url, spec.schema, spec.migrations)
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 20.0) -> Any:
+    """Poll ``probe`` until it returns something truthy (the pipeline is asynchronous); fail
+    after ``timeout`` seconds with the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not reached within {timeout}s: {result!r}")
+        await asyncio.sleep(0.1)
