@@ -159,9 +159,9 @@ class Delivery:
                 return await self._done("failed")
             still_ours = await connection.fetchval(
                 "UPDATE messages SET state = 'sending', template_version = $2, "
-                "attempts = attempts + 1, updated_at = $3 WHERE command_id = $1 "
-                "AND state = 'claimed' AND claim = $4 RETURNING true",
-                command_id, template_version, now, claim)
+                "message_id = $5, attempts = attempts + 1, updated_at = $3 "
+                "WHERE command_id = $1 AND state = 'claimed' AND claim = $4 RETURNING true",
+                command_id, template_version, now, claim, self._message_id(command_id))
             if not still_ours:  # taken over as abandoned while we were slow: theirs now
                 return "taken"
         relay = deps.relays["marketing" if command["class"] == "marketing" else "transactional"]
@@ -237,16 +237,18 @@ class Delivery:
             html = add_pixel(html, f"{base}/t/o/" + deps.signer.sign(EmailToken(
                 TokenKind.OPEN, workspace, contact_id, message_id=command_id)))
         sender = self._sender(command)
-        message = build(Envelope(message_id=f"{command_id}@{self._id_domain}", sender=sender,
+        message = build(Envelope(message_id=self._message_id(command_id), sender=sender,
                                  to=str(command["to"]), subject=rendered.subject,
                                  date=deps.clock(), unsubscribe_url=unsubscribe),
                         html, rendered.text)
         raw = message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
         if self._dkim is not None:
             raw = sign(raw, self._dkim)
-        await connection.execute("UPDATE messages SET message_id = $2 WHERE command_id = $1",
-                                 command_id, f"{command_id}@{self._id_domain}")
         return raw, str(parseaddr(sender)[1]), template.version
+
+    def _message_id(self, command_id: str) -> str:
+        """The Message-ID header (without brackets): bounces find the command by it."""
+        return f"{command_id}@{self._id_domain}"
 
     def _sender(self, command: dict[str, Any]) -> str:
         """A fixed sender, the contact's owner (the seed documents want mail from the rep),

@@ -124,9 +124,9 @@ class Relay:
                                response)
             except aiosmtplib.SMTPRecipientsRefused as error:
                 refused = error.recipients[0]
-                return self._answer(refused.code, refused.message, client=client)
+                return self._answer(refused.code, refused.message)
             except aiosmtplib.SMTPResponseException as error:
-                return self._answer(error.code, error.message, client=client)
+                return self._answer(error.code, error.message)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
                 await self._discard(client)
                 client = None
@@ -135,9 +135,9 @@ class Relay:
                 if client is not None and client.is_connected:
                     self._idle.put_nowait(client)
 
-    def _answer(self, code: int, text: str,
-                client: aiosmtplib.SMTP | None = None) -> Outcome:
-        del client  # still usable after a refused recipient: it goes back to the pool
+    @staticmethod
+    def _answer(code: int, text: str) -> Outcome:
+        """An SMTP answer (the connection stays usable and goes back to the pool)."""
         kind: Literal["temporary", "permanent"] = "permanent" if code >= 500 else "temporary"
         return Outcome(kind, code, enhanced_status(code, text), f"{code} {text}")
 
