@@ -239,13 +239,8 @@ class Engine:
 
     async def contact(self, connection: Connection, workspace: str,
                       contact_id: str) -> ContactState:
-        row = await connection.fetchrow(
-            "SELECT traits, score, grade, rating, stage FROM contact_state "
-            "WHERE workspace = $1 AND contact_id = $2", workspace, contact_id)
-        if row is None:
-            return ContactState(contact_id)
-        return ContactState(contact_id, loads(row["traits"]), row["score"], row["grade"],
-                            row["rating"], row["stage"])
+        return (await self.contacts(connection, {(workspace, contact_id)}))[
+            (workspace, contact_id)]
 
     async def enroll(self, connection: Connection, workspace: str, journey: Journey,
                      contact_id: str, *, reason: str,
@@ -408,7 +403,8 @@ class Engine:
         found = {(r["workspace"], r["contact_id"]): ContactState(
             r["contact_id"], loads(r["traits"]), r["score"], r["grade"], r["rating"],
             r["stage"]) for r in rows}
-        return {key: found.get(key) or ContactState(key[1]) for key in keys}
+        return {key: found.get((key[0], str(uuid.UUID(key[1])))) or ContactState(key[1])
+                for key in keys}
 
     @staticmethod
     def _snapshot(contact: ContactState) -> dict[str, Any]:
