@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -15,14 +16,17 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from leadwerk_crm_bridge.deliveries import (
-    TOPICS,
-    CommandHandler,
-    Config,
-    DeliveryWorker,
-    Deps,
+from leadwerk_crm_bridge import sync
+from leadwerk_crm_bridge.channels import Channel, Http, HubSpotChannel, WebhookChannel
+from leadwerk_crm_bridge.config import Config
+from leadwerk_crm_bridge.deliveries import TOPICS, CommandHandler, DeliveryWorker, Deps
+from leadwerk_crm_bridge.inbound import (
+    OUTBOX_STREAM,
+    InboundError,
+    hubspot_connector,
+    receive,
+    receive_hubspot,
 )
-from leadwerk_crm_bridge.inbound import OUTBOX_STREAM, InboundError, receive
 from leadwerk_crm_bridge.metrics import BridgeMetrics
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.admin import AdminGuard, Workspace
@@ -51,7 +55,7 @@ class Bridge:
         self.deps: Deps | None = None
         self.worker: DeliveryWorker | None = None
         self.relay: OutboxRelay | None = None
-        self.consumer: ConsumerRuntime | None = None
+        self.consumers: list[ConsumerRuntime] = []
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -60,26 +64,38 @@ class Bridge:
         pool = await create_pool(settings, SCHEMA, settings.database_pool_size)
         await self.publisher.start(wait=5.0)
         config = await asyncio.to_thread(Config.load, settings.config_dir)
-        self.deps = deps = Deps(settings, pool, config, self.metrics, self.clock)
+        environ = {name: os.environ[name] for c in config.connectors
+                   for name in c.secrets.values() if name in os.environ}
+        self.deps = deps = Deps(settings, pool, config, self.metrics, self.clock, environ)
         # No redirects: a 3xx to a private address would get around the SSRF check.
         self._client = httpx.AsyncClient(timeout=settings.request_timeout,
-                                         follow_redirects=False, trust_env=False)
-        self.worker = DeliveryWorker(deps, self._client)
+                                         follow_redirects=False, trust_env=False,
+                                         limits=httpx.Limits(max_connections=100))
+        http = Http(self._client, config.allow_private)
+        channels: dict[str, Channel] = {
+            "webhook": WebhookChannel(http, lambda: deps.secrets("outbound"), self.clock),
+            "hubspot": HubSpotChannel(http, lambda c: deps.secret(c, "token"))}
+        self.worker = DeliveryWorker(deps, channels)
         self.relay = OutboxRelay(pool, self.publisher, schema=SCHEMA, stream=OUTBOX_STREAM)
-        handler = CommandHandler(deps, self.worker)
-        self.consumer = ConsumerRuntime(
-            settings, group_id=f"{settings.kafka_topic_prefix}crm-bridge.deliveries",
-            topics=TOPICS, handler=handler, batch_handler=handler.batch,
-            dead_letter_publisher=self.publisher)
-        self._tasks = [asyncio.create_task(self.consumer.run()),
+        commands = CommandHandler(deps, self.worker)
+        changes = sync.SyncHandler(deps, self.worker)
+        prefix = settings.kafka_topic_prefix
+        self.consumers = [
+            ConsumerRuntime(settings, group_id=f"{prefix}crm-bridge.deliveries", topics=TOPICS,
+                            handler=commands, batch_handler=commands.batch,
+                            dead_letter_publisher=self.publisher),
+            ConsumerRuntime(settings, group_id=f"{prefix}crm-bridge.sync", topics=sync.TOPICS,
+                            handler=changes, batch_handler=changes.batch,
+                            dead_letter_publisher=self.publisher)]
+        self._tasks = [*(asyncio.create_task(c.run()) for c in self.consumers),
                        asyncio.create_task(self.worker.run()),
                        asyncio.create_task(self.relay.sweep())]
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            self.consumer.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tasks[0], 10)
+        for consumer in self.consumers:
+            consumer.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*self._tasks[:len(self.consumers)]), 10)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -132,7 +148,29 @@ def create_app(settings: BridgeSettings, *,
         try:
             result = await receive(deps(), workspace, body, dict(request.headers))
         except InboundError as error:
-            deps().metrics.inbound.labels("refused").inc()
+            deps().metrics.inbound.labels("webhook", "refused").inc()
+            return JSONResponse({"detail": str(error)}, status_code=error.status)
+        assert bridge.relay is not None  # noqa: S101 - set in start
+        bridge.relay.request()
+        return JSONResponse(result)
+
+    @app.post("/webhooks/{workspace}/hubspot", tags=["inbound"],
+              summary="HubSpot webhooks (X-HubSpot-Signature-v3, the app's client secret)")
+    async def inbound_hubspot(workspace: str, request: Request,
+                              connector: str | None = None) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_INBOUND_BYTES:
+            return JSONResponse({"detail": "body too large"}, status_code=413)
+        uri = str(request.url)
+        if settings.public_url:
+            uri = settings.public_url.rstrip("/") + request.url.path + (
+                f"?{request.url.query}" if request.url.query else "")
+        try:
+            target = hubspot_connector(deps(), workspace, connector)
+            result = await receive_hubspot(deps(), target, uri=uri, body=body,
+                                           headers=request.headers)
+        except InboundError as error:
+            deps().metrics.inbound.labels("hubspot", "refused").inc()
             return JSONResponse({"detail": str(error)}, status_code=error.status)
         assert bridge.relay is not None  # noqa: S101 - set in start
         bridge.relay.request()
@@ -148,7 +186,8 @@ def _router(bridge: Bridge, settings: BridgeSettings,
                        dependencies=[Depends(AdminGuard(settings.admin_token.get_secret_value()))])
     default = settings.default_workspace
     columns = ("delivery_id::text AS delivery_id, contact_id::text AS contact_id, "
-               "command_id::text AS command_id, connector, url, event, state, attempts, "
+               "command_id::text AS command_id, batch_id::text AS batch_id, connector, url, "
+               "kind, event, state, attempts, "
                "next_attempt_at, last_status, last_error, created_at, delivered_at")
 
     def shown(row: Any) -> dict[str, Any]:
@@ -161,13 +200,13 @@ def _router(bridge: Bridge, settings: BridgeSettings,
             try:
                 rows = await connection.fetch(
                     f"SELECT {columns} FROM deliveries WHERE workspace = $1 "  # noqa: S608
-                    "AND contact_id = $2 ORDER BY created_at", workspace, contact_id)
+                    "AND contact_id = $2 ORDER BY seq", workspace, contact_id)
             except asyncpg.DataError as error:
                 raise HTTPException(404, "no such contact") from error
         return {"contact_id": contact_id, "items": [shown(r) for r in rows]}
 
     @router.get("/deliveries", summary="Deliveries by state (dead: the dead letters)")
-    async def listing(state: Literal["pending", "delivered", "dead"] = "dead",
+    async def listing(state: Literal["pending", "delivered", "dead", "cancelled"] = "dead",
                       workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
             rows = await connection.fetch(
@@ -175,13 +214,27 @@ def _router(bridge: Bridge, settings: BridgeSettings,
                 "AND state = $2 ORDER BY updated_at DESC LIMIT 500", workspace, state)
         return {"items": [shown(r) for r in rows]}
 
+    @router.post("/deliveries/replay",
+                 summary="Send every dead-lettered delivery again (of one connector, if named)")
+    async def replay_all(connector: str | None = None,
+                         workspace: Workspace = default) -> dict[str, Any]:
+        async with deps().pool.acquire() as connection:
+            rows = await connection.fetch(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
+                "next_attempt_at = $3, updated_at = $3 WHERE workspace = $1 AND state = 'dead' "
+                "AND ($2::text IS NULL OR connector = $2) RETURNING delivery_id::text",
+                workspace, connector, bridge.clock())
+        if bridge.worker is not None:
+            bridge.worker.wake()
+        return {"replayed": len(rows)}
+
     @router.post("/deliveries/{delivery_id}/replay",
                  summary="Send a dead-lettered delivery again (same webhook-id)")
     async def replay(delivery_id: str, workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
             try:
                 row = await connection.fetchrow(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0, "
+                    "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
                     "next_attempt_at = $3, updated_at = $3 WHERE delivery_id = $1 "
                     "AND workspace = $2 AND state = 'dead' RETURNING delivery_id::text",
                     delivery_id, workspace, bridge.clock())

@@ -1,73 +1,41 @@
-"""Outbound deliveries: crm-commands become rows in ``deliveries`` (one per command and
-connector, its id the ``webhook-id``); a worker sends due rows, per contact and connector in
-order, retries with back-off, and dead-letters after the budget (replayable).
-
-The address connected to is the one checked: the host is resolved once, every address is
-checked against SSRF rules (unless the workspace allows private ones), and the request goes
-to that IP with the original ``Host`` header and TLS server name.
+"""Outbound deliveries: what the CRM should learn becomes rows in ``deliveries`` (one per
+event and connector, its id stable); a worker groups due rows into batches (one request each,
+up to the connector's batch size, a contact at most once per batch so its deliveries go in
+order), sends them through the connector's channel, retries with back-off behind a circuit
+breaker per endpoint, and dead-letters after the budget (replayable).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import socket
+import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
-from leadwerk_crm_bridge.domain.outbound import (
-    Verdict,
-    development_secret,
-    forbidden,
-    judge,
-    sign,
-)
+from leadwerk_crm_bridge.channels import Answer, Batch, Channel, Item, Outcome
+from leadwerk_crm_bridge.config import Config, Connector
+from leadwerk_crm_bridge.domain.breaker import Breaker
+from leadwerk_crm_bridge.domain.outbound import Verdict, development_secret, judge
 from leadwerk_crm_bridge.metrics import BridgeMetrics
+from leadwerk_crm_bridge.projection import contact_document, recent_summary
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, format_timestamp
 from leadwerk_platform.kafka.consumer import ConsumedMessage
-from leadwerk_platform.settings import Environment, config_entries
+from leadwerk_platform.settings import Environment
 from leadwerk_platform.timers import DueTimer
-
-logger = logging.getLogger(__name__)
 
 CONSUMER = "deliveries"
 TOPICS = {"crm-commands": "crm-commands-dlq"}
+JOURNEY_WEBHOOK = "journey-webhook"  # the connector name of journeys' own webhook URLs
 _NAMESPACE = uuid.UUID("5c0d4e3f-2a1b-5c6d-9e8f-7a6b5c4d3e2f")
+REDACTED = b"{}"
 Connection = Any
-
-
-class Connector(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    workspace: str
-    kind: str = "webhook"
-    url: str = Field(pattern=r"^https?://")
-    events: list[str] = Field(default_factory=lambda: ["handoff"])
-
-
-@dataclass(frozen=True)
-class Config:
-    connectors: list[Connector] = field(default_factory=list)
-    allow_private: frozenset[str] = frozenset()  # workspaces that may call private addresses
-
-    @classmethod
-    def load(cls, config_dir: Path) -> Config:
-        connectors = [Connector.model_validate(c)
-                      for c in config_entries(config_dir, "connectors.yaml", "connectors")]
-        private = frozenset(str(w["id"]) for w in config_entries(
-            config_dir, "workspaces.yaml", "workspaces") if w.get("allow_private_webhooks"))
-        return cls(connectors, private)
 
 
 @dataclass
@@ -77,6 +45,8 @@ class Deps:
     config: Config
     metrics: BridgeMetrics
     clock: Callable[[], datetime]
+    #: The values of connectors' secret environment variables, by variable name.
+    environ: dict[str, str] = field(default_factory=dict)
 
     def secrets(self, purpose: Literal["outbound", "inbound"]) -> list[str]:
         """The ``whsec_`` secrets that sign what we send (``outbound``) or verify what CRMs
@@ -88,6 +58,42 @@ class Deps:
         if configured or self.settings.environment is Environment.PRODUCTION:
             return configured
         return [development_secret(self.settings.secret_key.get_secret_value(), purpose)]
+
+    def secret(self, connector: Connector, name: Literal["token", "client_id",
+                                                           "client_secret"]) -> str | None:
+        variable = connector.secrets.get(name)
+        return self.environ.get(variable) if variable else None
+
+
+def event_body(event: str, at: datetime, data: dict[str, Any]) -> bytes:
+    """The canonical form of what a connector delivers (a Standard Webhooks payload)."""
+    return orjson.dumps({"type": event, "timestamp": format_timestamp(at), "data": data})
+
+
+async def enqueue(connection: Connection, targets: Sequence[tuple[str, str]], *,
+                  workspace: str, contact_id: str, source_id: str, kind: str, body: bytes,
+                  now: datetime, coalesce: bool = False) -> int:
+    """One delivery per (connector, url) target, its id derived from the source event (a
+    redelivered event adds nothing). ``coalesce``: a waiting delivery of the same kind that
+    is the contact's last one takes the newer body instead (score changes)."""
+    rows = []
+    for connector, url in targets:
+        if coalesce and await connection.fetchval(
+                "UPDATE deliveries d SET body = $5, updated_at = $6 WHERE d.workspace = $1 "
+                "AND d.contact_id = $2 AND d.connector = $3 AND d.kind = $4 "
+                "AND d.state = 'pending' AND d.batch_id IS NULL AND NOT EXISTS (SELECT 1 "
+                "FROM deliveries e WHERE e.workspace = d.workspace AND e.contact_id = "
+                "d.contact_id AND e.connector = d.connector AND e.seq > d.seq) "
+                "RETURNING true", workspace, contact_id, connector, kind, body, now):
+            continue
+        rows.append((uuid.uuid5(_NAMESPACE, f"{source_id}\x1f{connector}"), workspace,
+                     contact_id, source_id, connector, url, kind, body, now))
+    if rows:
+        await connection.executemany(
+            "INSERT INTO deliveries (delivery_id, workspace, contact_id, command_id, "
+            "connector, url, kind, event, body, state, created_at, updated_at) VALUES ($1, $2, "
+            "$3, $4, $5, $6, $7, $7, $8, 'pending', $9, $9) ON CONFLICT DO NOTHING", rows)
+    return len(rows)
 
 
 class CommandHandler:
@@ -110,7 +116,8 @@ class CommandHandler:
 
     async def _one(self, connection: Connection, command: Envelope, now: datetime) -> None:
         data = command.data
-        if not isinstance(data.get("contact_id"), str):
+        contact_id = data.get("contact_id")
+        if not isinstance(contact_id, str):
             raise InvalidMessageError(f"{command.type} without a contact id")
         fresh = await connection.fetchval(
             "INSERT INTO processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING "
@@ -118,115 +125,248 @@ class CommandHandler:
         if not fresh:
             return
         if command.type == "crm.handoff_requested.v1":
-            targets = [(c.id, c.url) for c in self._deps.config.connectors
-                       if c.workspace == command.workspace and "handoff" in c.events]
-            event = "lead.handoff"
+            targets = [(c.id, c.url) for c in self._deps.config.targets(command.workspace,
+                                                                          "handoff")]
+            kind, event = "handoff", "lead.handoff"
+            payload = await handoff_data(connection, command.workspace, data)
         elif command.type == "crm.webhook_requested.v1":
-            targets = [("journey-webhook", str(data["url"]))]
-            event = str(data.get("event") or "journey.step")
+            targets = [(JOURNEY_WEBHOOK, str(data["url"]))]
+            kind, event = "webhook", str(data.get("event") or "journey.step")
+            payload = {k: v for k, v in data.items() if k != "url"}
         else:
             return
-        body = orjson.dumps({"type": event, "timestamp": format_timestamp(command.occurred_at),
-                             "data": {k: v for k, v in data.items() if k != "url"}})
-        await connection.executemany(
-            "INSERT INTO deliveries (delivery_id, workspace, contact_id, command_id, connector, "
-            "url, event, body, state, next_attempt_at, created_at, updated_at) VALUES ($1, $2, "
-            "$3, $4, $5, $6, $7, $8, 'pending', $9, $9, $9) ON CONFLICT DO NOTHING",
-            [(uuid.uuid5(_NAMESPACE, f"{command.id}\x1f{connector}"), command.workspace,
-              data["contact_id"], command.id, connector, url, event, body, now)
-             for connector, url in targets])
-        self._deps.metrics.queued.inc(len(targets))
+        queued = await enqueue(connection, targets, workspace=command.workspace,
+                               contact_id=contact_id, source_id=command.id, kind=kind,
+                               body=event_body(event, command.occurred_at, payload), now=now)
+        self._deps.metrics.queued.labels(kind).inc(queued)
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int | None
-    error: str | None
-    retry_after: str | None = None
-    #: Not worth retrying (refused by our own rules): dead at once, replayable after a fix.
-    final: bool = False
+async def handoff_data(connection: Connection, workspace: str,
+                       data: dict[str, Any]) -> dict[str, Any]:
+    """The hand-off as sales gets it: the command, the contact as the bridge knows it
+    (the journey's snapshot filling gaps), and a summary of the recent activity."""
+    contact = await contact_document(connection, workspace, data["contact_id"])
+    snapshot = data.get("snapshot") or {}
+    for name in ("score", "grade", "rating", "stage"):
+        if contact.get(name) is None and snapshot.get(name) is not None:
+            contact[name] = snapshot[name]
+    contact["traits"] = {**(snapshot.get("traits") or {}), **contact.get("traits", {})}
+    if data.get("owner"):
+        contact["owner"] = data["owner"]
+    labels, summary = await recent_summary(connection, workspace, data["contact_id"])
+    return {**data, "contact": contact, "summary": summary, "recent_activity": labels}
 
 
 class DeliveryWorker(DueTimer):
-    """Sends due deliveries. Rows are leased (their next attempt pushed past the request
-    timeout) in a short transaction, so several processes share the work with
-    ``SKIP LOCKED``; a contact's deliveries to one connector go in order."""
+    """Forms batches and sends due ones. Batches are leased (their next attempt pushed past
+    the request timeout) in a short transaction, so several processes share the work with
+    ``SKIP LOCKED``."""
 
-    def __init__(self, deps: Deps, client: httpx.AsyncClient) -> None:
+    def __init__(self, deps: Deps, channels: dict[str, Channel]) -> None:
         super().__init__(deps.clock, batch=deps.settings.parallel)
         self._deps = deps
-        self._client = client
+        self._channels = channels
+        self._breakers: dict[str, Breaker] = defaultdict(lambda: Breaker(
+            deps.settings.breaker_failures, deps.settings.breaker_cooldown_seconds))
 
     async def next_due(self) -> datetime | None:
         async with self._deps.pool.acquire() as connection:
             due: datetime | None = await connection.fetchval(
-                "SELECT min(next_attempt_at) FROM deliveries WHERE state = 'pending'")
+                "SELECT least((SELECT min(next_attempt_at) FROM batches WHERE state = "
+                "'pending'), (SELECT $1::timestamptz FROM deliveries d WHERE d.state = "
+                "'pending' AND d.batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM deliveries e "
+                "WHERE e.workspace = d.workspace AND e.contact_id = d.contact_id AND "
+                "e.connector = d.connector AND e.state = 'pending' AND e.seq < d.seq) "
+                "LIMIT 1))", self._deps.clock())
         return due
 
     async def run_due(self) -> int:
+        await self._form()
         deps, now = self._deps, self._deps.clock()
         lease = now + timedelta(seconds=deps.settings.request_timeout * 3)
+        async with deps.pool.acquire() as connection:
+            async with connection.transaction():
+                leased = await connection.fetch(
+                    "UPDATE batches SET next_attempt_at = $3 WHERE batch_id IN (SELECT "
+                    "batch_id FROM batches WHERE state = 'pending' AND next_attempt_at <= $1 "
+                    "ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING "
+                    "batch_id::text AS batch_id, workspace, connector, attempts",
+                    now, deps.settings.parallel, lease)
+            if not leased:
+                return 0
+            rows = await connection.fetch(
+                "SELECT delivery_id::text AS delivery_id, batch_id::text AS batch_id, "
+                "contact_id::text AS contact_id, kind, url, body FROM deliveries "
+                "WHERE batch_id = ANY($1::uuid[]) AND state = 'pending' ORDER BY seq",
+                [b["batch_id"] for b in leased])
+            items: dict[str, list[Item]] = defaultdict(list)
+            for row in rows:
+                items[row["batch_id"]].append(Item(row["delivery_id"], row["contact_id"],
+                                                   row["kind"], row["url"], bytes(row["body"])))
+            known = await connection.fetch(
+                "SELECT workspace, connector, contact_id::text AS contact_id, crm_id "
+                "FROM crm_records WHERE contact_id = ANY($1::uuid[])",
+                list({r["contact_id"] for r in rows}))
+        crm_ids: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+        for record in known:
+            crm_ids[(record["workspace"], record["connector"])][record["contact_id"]] = \
+                record["crm_id"]
+        for lease_row in leased:
+            batch_items = items.get(lease_row["batch_id"])
+            if not batch_items:  # every member was cancelled (erasure) meanwhile
+                await self._close(lease_row["batch_id"], "delivered")
+                continue
+            await self._send(lease_row, batch_items,
+                             crm_ids[(lease_row["workspace"], lease_row["connector"])])
+        return len(leased)
+
+    async def _form(self) -> None:
+        """Waiting deliveries → batches: the first waiting delivery of each contact and
+        connector, grouped per connector into requests of the connector's batch size."""
+        deps, now = self._deps, self._deps.clock()
         async with deps.pool.acquire() as connection, connection.transaction():
             rows = await connection.fetch(
-                "UPDATE deliveries SET next_attempt_at = $3 WHERE delivery_id IN ("
-                "SELECT d.delivery_id FROM deliveries d WHERE d.state = 'pending' "
-                "AND d.next_attempt_at <= $1 AND NOT EXISTS (SELECT 1 FROM deliveries e "
-                "WHERE e.workspace = d.workspace AND e.contact_id = d.contact_id "
-                "AND e.connector = d.connector AND e.state = 'pending' "
-                "AND e.created_at < d.created_at) ORDER BY d.next_attempt_at LIMIT $2 "
-                "FOR UPDATE SKIP LOCKED) RETURNING delivery_id::text AS delivery_id, workspace, "
-                "url, body, attempts", now, deps.settings.parallel, lease)
-        await asyncio.gather(*(self._deliver(row) for row in rows))
-        return len(rows)
+                "SELECT d.delivery_id::text AS delivery_id, d.workspace, d.connector, d.kind "
+                "FROM deliveries d WHERE d.state = 'pending' AND d.batch_id IS NULL "
+                "AND NOT EXISTS (SELECT 1 FROM deliveries e WHERE e.workspace = d.workspace "
+                "AND e.contact_id = d.contact_id AND e.connector = d.connector "
+                "AND e.state = 'pending' AND e.seq < d.seq) ORDER BY d.seq LIMIT $1 "
+                "FOR UPDATE SKIP LOCKED", deps.settings.parallel * 100)
+            if not rows:
+                return
+            groups: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+            for row in rows:
+                connector = deps.config.connector(row["workspace"], row["connector"])
+                groups[(row["workspace"], row["connector"],
+                        _group(connector, row["kind"], row["delivery_id"]))].append(
+                    row["delivery_id"])
+            batches: list[tuple[uuid.UUID, str, str, list[str]]] = []
+            for (workspace, connector_id, _), ids in groups.items():
+                connector = deps.config.connector(workspace, connector_id)
+                size = connector.size if connector is not None else 1
+                for start in range(0, len(ids), size):
+                    chunk = ids[start:start + size]
+                    batch_id = uuid.UUID(chunk[0]) if len(chunk) == 1 else uuid.uuid5(
+                        _NAMESPACE, ",".join(sorted(chunk)))
+                    batches.append((batch_id, workspace, connector_id, chunk))
+            await connection.executemany(
+                "INSERT INTO batches (batch_id, workspace, connector, state, attempts, "
+                "next_attempt_at, created_at, updated_at) VALUES ($1, $2, $3, 'pending', 0, "
+                "$4, $4, $4) ON CONFLICT (batch_id) DO UPDATE SET state = 'pending', "
+                "attempts = 0, next_attempt_at = $4, updated_at = $4",
+                [(b[0], b[1], b[2], now) for b in batches])
+            await connection.executemany(
+                "UPDATE deliveries SET batch_id = $1 WHERE delivery_id = ANY($2::uuid[])",
+                [(b[0], b[3]) for b in batches])
 
-    async def _deliver(self, row: Any) -> None:
+    async def _send(self, lease: Any, items: list[Item], crm_ids: dict[str, str]) -> None:
         deps = self._deps
-        answer = await self.send(row["workspace"], row["url"], row["delivery_id"],
-                                 bytes(row["body"]))
-        now, attempt = deps.clock(), row["attempts"] + 1
+        connector = deps.config.connector(lease["workspace"], lease["connector"])
+        batch = Batch(lease["batch_id"], lease["workspace"], connector, items,
+                      {i.contact_id: crm_ids[i.contact_id] for i in items
+                       if i.contact_id in crm_ids})
+        endpoint = f"{lease['workspace']}:{lease['connector']}" if connector is not None \
+            else urlsplit(items[0].url).netloc
+        breaker = self._breakers[endpoint]
+        wait = breaker.wait(time.monotonic())
+        if wait > 0:
+            await self._postpone(batch.batch_id, deps.clock() + timedelta(seconds=wait),
+                                 f"circuit open for {endpoint}")
+            deps.metrics.attempts.labels(_kind(connector), "circuit_open").inc()
+            return
+        started = time.monotonic()
+        outcome = await self._deliver(batch)
+        deps.metrics.latency.labels(_kind(connector)).observe(time.monotonic() - started)
+        answer = outcome.answer
+        broken = not answer.final and (answer.status is None or answer.status >= 500
+                                       or answer.status == 408)
+        breaker.record(not broken, time.monotonic())
+        deps.metrics.circuit_open.labels(endpoint).set(1 if breaker.is_open else 0)
+        now, attempt = deps.clock(), lease["attempts"] + 1
         verdict = Verdict("dead", reason=str(answer.error)) if answer.final else judge(
             answer.status, answer.error, attempt=attempt, now=now,
             retry_after_header=answer.retry_after, attempts=deps.settings.retry_attempts,
             base=deps.settings.retry_base_seconds, ceiling=deps.settings.retry_max_seconds)
+        await self._record(batch, outcome, verdict, attempt, now)
+        deps.metrics.attempts.labels(_kind(connector), verdict.kind).inc()
+        deps.metrics.delivered.labels(_kind(connector)).inc(
+            0 if verdict.kind != "delivered" else len(items) - len(outcome.failed))
+
+    async def _deliver(self, batch: Batch) -> Outcome:
+        kind = batch.connector.kind if batch.connector is not None else "webhook"
+        if batch.connector is None and batch.items[0].kind != "webhook":
+            return Outcome(Answer(None, "the connector is no longer configured", final=True))
+        channel = self._channels.get(kind)
+        if channel is None:
+            return Outcome(Answer(None, f"no {kind} connector in this version", final=True))
+        return await channel.deliver(batch)
+
+    async def _record(self, batch: Batch, outcome: Outcome, verdict: Verdict,
+                      attempt: int, now: datetime) -> None:
         state = {"delivered": "delivered", "retry": "pending", "dead": "dead"}[verdict.kind]
-        async with deps.pool.acquire() as connection:
+        answer = outcome.answer
+        error = None if verdict.kind == "delivered" else verdict.reason
+        erased = [i for i in batch.items if i.kind == "erasure"]
+        async with self._deps.pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "UPDATE batches SET state = $2, attempts = $3, next_attempt_at = "
+                "coalesce($4, next_attempt_at), updated_at = $5 WHERE batch_id = $1",
+                batch.batch_id, state, attempt, verdict.at, now)
             await connection.execute(
                 "UPDATE deliveries SET state = $2::text, attempts = $3, next_attempt_at = $4, "
                 "last_status = $5, last_error = $6, updated_at = $7::timestamptz, "
                 "delivered_at = CASE WHEN $2::text = 'delivered' THEN $7::timestamptz END "
-                "WHERE delivery_id = $1", row["delivery_id"],
-                state, attempt, verdict.at, answer.status,
-                None if verdict.kind == "delivered" else verdict.reason, now)
-        deps.metrics.attempts.labels(verdict.kind).inc()
+                "WHERE batch_id = $1 AND state = 'pending' AND NOT (delivery_id = ANY($8))",
+                batch.batch_id, state, attempt, verdict.at, answer.status, error, now,
+                [uuid.UUID(d) for d in outcome.failed])
+            if outcome.failed:
+                await connection.executemany(
+                    "UPDATE deliveries SET state = 'dead', attempts = $3, last_status = $4, "
+                    "last_error = $2, updated_at = $5 WHERE delivery_id = $1 "
+                    "AND state = 'pending'",
+                    [(uuid.UUID(d), why, attempt, answer.status, now)
+                     for d, why in outcome.failed.items()])
+            if outcome.crm_ids and batch.connector is not None:
+                await connection.executemany(
+                    "INSERT INTO crm_records (workspace, connector, contact_id, crm_id, "
+                    "updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace, "
+                    "connector, contact_id) DO UPDATE SET crm_id = $4, updated_at = $5",
+                    [(batch.workspace, batch.connector.id, c, crm, now)
+                     for c, crm in outcome.crm_ids.items()])
+            if erased and verdict.kind == "delivered" and batch.connector is not None:
+                # Passed on: what identified the person here goes too.
+                await connection.execute(
+                    "UPDATE deliveries SET body = $2 WHERE delivery_id = ANY($1::uuid[])",
+                    [i.delivery_id for i in erased], REDACTED)
+                await connection.execute(
+                    "DELETE FROM crm_records WHERE workspace = $1 AND connector = $2 "
+                    "AND contact_id = ANY($3::uuid[])", batch.workspace, batch.connector.id,
+                    [i.contact_id for i in erased])
 
-    async def send(self, workspace: str, url: str, delivery_id: str, body: bytes) -> Answer:
-        """One signed POST to ``url`` through the SSRF check."""
-        secrets = self._deps.secrets("outbound")
-        if not secrets:
-            return Answer(None, "no webhook secret configured (LEADWERK_WEBHOOK_SECRETS)",
-                          final=True)
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https"
-                                                           else 80)
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM)
-        except OSError as error:
-            return Answer(None, f"cannot resolve {host}: {error}")
-        address = str(infos[0][4][0])
-        if workspace not in self._deps.config.allow_private:
-            refusals = [r for r in (forbidden(str(i[4][0])) for i in infos) if r]
-            if refusals:
-                return Answer(None, f"refused (SSRF protection): {refusals[0]}", final=True)
-        netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        headers = {"Content-Type": "application/json", "Host": parts.netloc.rpartition("@")[2],
-                   "User-Agent": "Leadwerk-crm-bridge/1",
-                   **sign(secrets, delivery_id, self._deps.clock(), body)}
-        try:
-            response = await self._client.post(
-                target, content=body, headers=headers,
-                extensions={"sni_hostname": host} if parts.scheme == "https" else {})
-        except httpx.HTTPError as error:
-            return Answer(None, f"{type(error).__name__}: {error}")
-        return Answer(response.status_code, None, response.headers.get("retry-after"))
+    async def _postpone(self, batch_id: str, at: datetime, why: str) -> None:
+        async with self._deps.pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                "UPDATE batches SET next_attempt_at = $2 WHERE batch_id = $1", batch_id, at)
+            await connection.execute(
+                "UPDATE deliveries SET next_attempt_at = $2, last_error = $3 "
+                "WHERE batch_id = $1 AND state = 'pending'", batch_id, at, why)
+
+    async def _close(self, batch_id: str, state: str) -> None:
+        async with self._deps.pool.acquire() as connection:
+            await connection.execute("UPDATE batches SET state = $2 WHERE batch_id = $1",
+                                     batch_id, state)
+
+
+def _group(connector: Connector | None, kind: str, delivery_id: str) -> str:
+    """Which deliveries may share a request: a CRM takes contact changes, hand-offs and
+    activities together (erasures alone); a webhook receiver gets activities batched and
+    every other event on its own."""
+    if connector is None or kind == "erasure":
+        return delivery_id
+    if connector.kind == "webhook":
+        return "activity" if kind == "activity" else delivery_id
+    return "records"
+
+
+def _kind(connector: Connector | None) -> str:
+    return connector.kind if connector is not None else "webhook"

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.queued = Counter("leadwerk_crm_deliveries_queued_total",
-                              "Deliveries created from crm-commands.", registry=registry)
+                              "Deliveries created, by what they sync (handoff, lifecycle, "
+                              "score, activity, profile, erasure, webhook).", ["kind"],
+                              registry=registry)
         self.attempts = Counter("leadwerk_crm_delivery_attempts_total",
-                                "Delivery attempts by outcome (delivered, retry, dead).",
-                                ["outcome"], registry=registry)
+                                "Requests (one per batch) by connector kind and outcome "
+                                "(delivered, retry, dead, circuit_open).",
+                                ["connector", "outcome"], registry=registry)
+        self.delivered = Counter("leadwerk_crm_deliveries_delivered_total",
+                                 "Deliveries that arrived, by connector kind.", ["connector"],
+                                 registry=registry)
+        self.latency = Histogram("leadwerk_crm_request_duration_seconds",
+                                 "Time to deliver one batch, by connector kind.",
+                                 ["connector"], registry=registry)
+        self.circuit_open = Gauge("leadwerk_crm_circuit_open",
+                                  "1 while the circuit breaker of an endpoint is open.",
+                                  ["endpoint"], registry=registry)
         self.inbound = Counter("leadwerk_crm_inbound_events_total",
-                               "Inbound CRM events by result (accepted, duplicate, refused).",
-                               ["result"], registry=registry)
+                               "Inbound CRM events by source and result (accepted, "
+                               "duplicate, ignored, refused).", ["source", "result"],
+                               registry=registry)

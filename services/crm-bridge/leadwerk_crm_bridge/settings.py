@@ -22,5 +22,13 @@ class BridgeSettings(PlatformSettings):
     retry_base_seconds: float = Field(1.0, alias="LEADWERK_CRM_RETRY_BASE_SECONDS", gt=0)
     retry_max_seconds: float = Field(3600.0, alias="LEADWERK_CRM_RETRY_MAX_SECONDS", gt=0)
     request_timeout: float = Field(10.0, alias="LEADWERK_CRM_TIMEOUT", gt=0)
-    #: Deliveries a worker sends at once.
+    #: Batches (requests) a worker sends at once.
     parallel: int = Field(16, alias="LEADWERK_CRM_PARALLEL", gt=0)
+    #: Circuit breaker per endpoint: open after this many failed requests in a row, for a
+    #: cool-down that starts here and doubles while probes keep failing (at most 5 minutes).
+    breaker_failures: int = Field(5, alias="LEADWERK_CRM_BREAKER_FAILURES", gt=0)
+    breaker_cooldown_seconds: float = Field(5.0, alias="LEADWERK_CRM_BREAKER_COOLDOWN_SECONDS",
+                                            gt=0)
+    #: The bridge's public base URL as CRMs call it (HubSpot signs the full URL); default:
+    #: the URL of the request as it arrives.
+    public_url: str | None = Field(None, alias="LEADWERK_CRM_BRIDGE_PUBLIC_URL")

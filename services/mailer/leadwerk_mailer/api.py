@@ -33,7 +33,7 @@ from leadwerk_mailer.domain.templates import Renderer, RenderError
 from leadwerk_mailer.metrics import MailerMetrics
 from leadwerk_mailer.settings import MailerSettings
 from leadwerk_mailer.templates import TemplateStore, shipped_templates
-from leadwerk_mailer.transport import RateLimit, Relay, RelayConfig
+from leadwerk_mailer.transport import Relay, RelayConfig
 from leadwerk_platform.admin import AdminGuard, Workspace, document_body
 from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
@@ -41,6 +41,7 @@ from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.metrics import metrics_router, new_registry
 from leadwerk_platform.outbox import OutboxRelay
+from leadwerk_platform.ratelimit import RateLimit
 from leadwerk_platform.tokens import TokenSigner
 
 SCHEMA = "mailer"
@@ -75,7 +76,7 @@ class Mailer:
         def relay(url: str) -> Relay:
             return Relay(RelayConfig.from_url(url), size=s.smtp_pool_size,
                          timeout=s.smtp_timeout,
-                         limit=RateLimit(s.smtp_rate_per_second, s.smtp_rate_per_hour))
+                         limit=RateLimit(s.smtp_rate_per_second, s.smtp_rate_per_hour, 3600))
 
         first = relay(marketing)
         return {"marketing": first,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
+
+from leadwerk_platform.ratelimit import RateLimit
 
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -58,34 +58,6 @@ class RelayConfig:
                    password=unquote(parts.password) if parts.password else None,
                    use_tls=parts.scheme == "smtps",
                    start_tls=None if starttls is None else starttls.lower() == "true")
-
-
-class RateLimit:
-    """At most ``per_second`` (smoothly) and ``per_hour`` (rolling) sends; waits, never drops."""
-
-    def __init__(self, per_second: float, per_hour: int) -> None:
-        self._interval = 1.0 / per_second if per_second else 0.0
-        self._per_hour = per_hour
-        self._next = 0.0
-        self._hour: deque[float] = deque()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            if self._interval:
-                wait = self._next - now
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    now = time.monotonic()
-                self._next = max(now, self._next) + self._interval
-            if self._per_hour:
-                while self._hour and self._hour[0] <= now - 3600:
-                    self._hour.popleft()
-                if len(self._hour) >= self._per_hour:
-                    await asyncio.sleep(self._hour[0] + 3600 - now)
-                    self._hour.popleft()
-                self._hour.append(time.monotonic())
 
 
 class Relay:

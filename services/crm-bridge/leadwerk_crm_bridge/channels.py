@@ -1,0 +1,267 @@
+"""Connectors behind one interface: a :class:`Channel` delivers a :class:`Batch` of
+deliveries for one connector in as few requests as the CRM allows and says what happened.
+
+Every request goes through :class:`Http`: the host is resolved once, every address is checked
+against SSRF rules (unless the workspace allows private ones), and the request goes to that
+IP with the original ``Host`` header and TLS server name; no redirects are followed; each
+connector's rate limit is waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import orjson
+
+from leadwerk_crm_bridge.config import Connector
+from leadwerk_crm_bridge.domain import hubspot
+from leadwerk_crm_bridge.domain.outbound import forbidden, sign
+from leadwerk_platform.envelope import format_timestamp
+from leadwerk_platform.ratelimit import RateLimit
+
+USER_AGENT = "Leadwerk-crm-bridge/1"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int | None
+    error: str | None
+    retry_after: str | None = None
+    #: Not worth retrying (refused by our own rules): dead at once, replayable after a fix.
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Item:
+    delivery_id: str
+    contact_id: str
+    kind: str  # handoff | lifecycle | score | activity | profile | erasure | webhook
+    url: str
+    body: bytes  # the canonical event: {"type", "timestamp", "data"}
+
+    @property
+    def event(self) -> dict[str, Any]:
+        event: dict[str, Any] = orjson.loads(self.body)
+        return event
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    workspace: str
+    connector: Connector | None  # None: a journey's webhook step (its own URL)
+    items: list[Item]
+    crm_ids: dict[str, str] = field(default_factory=dict)  # contact id → CRM record id
+
+
+@dataclass(frozen=True)
+class Outcome:
+    answer: Answer
+    failed: dict[str, str] = field(default_factory=dict)  # delivery id → why, for good
+    crm_ids: dict[str, str] = field(default_factory=dict)  # learned contact → CRM id
+
+
+class Channel(Protocol):
+    async def deliver(self, batch: Batch) -> Outcome: ...
+
+
+class Http:
+    """Outbound HTTP with the SSRF check on the address connected to."""
+
+    def __init__(self, client: httpx.AsyncClient, allow_private: frozenset[str]) -> None:
+        self._client = client
+        self._allow_private = allow_private
+        self._limits: dict[str, RateLimit] = {}
+
+    def limit(self, key: str, connector: Connector | None) -> RateLimit | None:
+        rate = connector.limit if connector is not None else None
+        if rate is None:
+            return None
+        if key not in self._limits:
+            self._limits[key] = RateLimit(0.0, rate.requests, rate.per_seconds)
+        return self._limits[key]
+
+    async def call(self, workspace: str, method: str, url: str, *,
+                   headers: Mapping[str, str], content: bytes,
+                   connector: Connector | None = None) -> httpx.Response | Answer:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM)
+        except OSError as error:
+            return Answer(None, f"cannot resolve {host}: {error}")
+        address = str(infos[0][4][0])
+        if workspace not in self._allow_private:
+            refusals = [r for r in (forbidden(str(i[4][0])) for i in infos) if r]
+            if refusals:
+                return Answer(None, f"refused (SSRF protection): {refusals[0]}", final=True)
+        netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        limit = self.limit(connector.id if connector else host, connector)
+        if limit is not None:
+            await limit.acquire()
+        try:
+            return await self._client.request(
+                method, target, content=content,
+                headers={"Host": parts.netloc.rpartition("@")[2], "User-Agent": USER_AGENT,
+                         **headers},
+                extensions={"sni_hostname": host} if parts.scheme == "https" else {})
+        except httpx.HTTPError as error:
+            return Answer(None, f"{type(error).__name__}: {error}" if str(error)
+                          else type(error).__name__)
+
+
+def answer_of(response: httpx.Response | Answer) -> Answer:
+    if isinstance(response, Answer):
+        return response
+    return Answer(response.status_code, None if response.is_success
+                  else _error_text(response), response.headers.get("retry-after"))
+
+
+def _error_text(response: httpx.Response) -> str | None:
+    """A short reason from an error answer's body (never more than 300 characters)."""
+    text = response.text.strip()
+    return f"HTTP {response.status_code}: {text[:300]}" if text else None
+
+
+class WebhookChannel:
+    """Standard Webhooks: one signed POST per delivery; activities for a connector go as one
+    ``contact.activities`` event per batch (each item keeps its own id). The ``webhook-id``
+    is the batch id: a single delivery's own id, stable across retries and replays."""
+
+    def __init__(self, http: Http, secrets: Callable[[], list[str]],
+                 clock: Callable[[], datetime]) -> None:
+        self._http = http
+        self._secrets = secrets
+        self._clock = clock
+
+    async def deliver(self, batch: Batch) -> Outcome:
+        secrets = self._secrets()
+        if not secrets:
+            return Outcome(Answer(None, "no webhook secret configured "
+                                        "(LEADWERK_WEBHOOK_SECRETS)", final=True))
+        if len(batch.items) == 1:
+            body, url = batch.items[0].body, batch.items[0].url
+        else:
+            url = batch.items[0].url
+            body = orjson.dumps({
+                "type": "contact.activities", "timestamp": format_timestamp(self._clock()),
+                "data": {"items": [{"id": i.delivery_id, **i.event} for i in batch.items]}})
+        headers = {"Content-Type": "application/json",
+                   **sign(secrets, batch.batch_id, self._clock(), body)}
+        response = await self._http.call(batch.workspace, "POST", url, headers=headers,
+                                         content=body, connector=batch.connector)
+        return Outcome(answer_of(response))
+
+
+class HubSpotChannel:
+    """HubSpot CRM v3 with a private-app token: contacts batch-upserted by email (score,
+    grade, rating, lifecycle stage, lead status, owner, mapped traits), the hand-off and
+    selected activities as notes on the contact's timeline, erasure as a GDPR delete."""
+
+    def __init__(self, http: Http, token: Callable[[Connector], str | None]) -> None:
+        self._http = http
+        self._token = token
+
+    async def deliver(self, batch: Batch) -> Outcome:
+        connector = batch.connector
+        assert connector is not None  # noqa: S101 - HubSpot batches always have one
+        token = self._token(connector)
+        if not token:
+            return Outcome(Answer(None, f"no HubSpot token: set the environment variable "
+                                        f"named in secrets.token of {connector.id}",
+                                  final=True))
+        call = _Calls(self._http, batch, token)
+        if batch.items[0].kind == "erasure":
+            return await call.erase(batch.items[0])
+        failed: dict[str, str] = {}
+        ids = dict(batch.crm_ids)
+        # Contacts first: every contact change, and any contact a note needs an id for.
+        needs = [i for i in batch.items if i.kind != "activity" or i.contact_id not in ids]
+        inputs: dict[str, dict[str, Any]] = {}
+        for item in needs:
+            data = item.event["data"]
+            upsert = hubspot.upsert_input(connector, data.get("contact") or {},
+                                          item.delivery_id)
+            if upsert is None:
+                failed[item.delivery_id] = "the contact has no email (HubSpot matches on it)"
+            else:
+                inputs.setdefault(upsert["id"].lower(), upsert)
+        learned: dict[str, str] = {}
+        if inputs:
+            response = await call.post("/crm/v3/objects/contacts/batch/upsert",
+                                       {"inputs": list(inputs.values())})
+            if isinstance(response, Answer):
+                return Outcome(response, failed)
+            found = hubspot.ids_by_email(response)
+            problem = hubspot.errors(response) or "HubSpot did not upsert the contact"
+            for item in needs:
+                email = str(((item.event["data"].get("contact") or {}).get("traits") or {})
+                            .get("email") or "").lower()
+                if email in found:
+                    learned[item.contact_id] = ids[item.contact_id] = found[email]
+                elif item.delivery_id not in failed:
+                    failed[item.delivery_id] = problem
+        notes = [self._note(item, ids[item.contact_id]) for item in batch.items
+                 if item.kind in {"handoff", "activity"} and item.delivery_id not in failed
+                 and item.contact_id in ids]
+        if notes:
+            response = await call.post("/crm/v3/objects/notes/batch/create", {"inputs": notes})
+            if isinstance(response, Answer):
+                return Outcome(response, failed, learned)
+        return Outcome(Answer(200, None), failed, learned)
+
+    @staticmethod
+    def _note(item: Item, hubspot_id: str) -> dict[str, Any]:
+        event = item.event
+        data = event["data"]
+        if item.kind == "handoff":
+            return hubspot.note_input(hubspot_id, event["timestamp"],
+                                      hubspot.handoff_note(data), item.delivery_id)
+        return hubspot.note_input(hubspot_id, str(data.get("occurred_at") or
+                                                  event["timestamp"]),
+                                  str(data.get("label") or data.get("event")), item.delivery_id)
+
+
+class _Calls:
+    """The HubSpot requests of one batch."""
+
+    def __init__(self, http: Http, batch: Batch, token: str) -> None:
+        assert batch.connector is not None  # noqa: S101
+        self._http, self._batch, self._connector = http, batch, batch.connector
+        self._headers = {"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/json"}
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | Answer:
+        """The JSON answer of a successful call, else the :class:`Answer` to judge."""
+        response = await self._http.call(
+            self._batch.workspace, "POST", self._connector.url.rstrip("/") + path,
+            headers=self._headers, content=orjson.dumps(body), connector=self._connector)
+        if isinstance(response, Answer) or not response.is_success:
+            return answer_of(response)
+        try:
+            result = response.json() if response.content else {}
+        except ValueError:
+            return Answer(response.status_code, "HubSpot answered with invalid JSON")
+        return result if isinstance(result, dict) else {}
+
+    async def erase(self, item: Item) -> Outcome:
+        data = item.event["data"]
+        crm_id = self._batch.crm_ids.get(item.contact_id)
+        email = data.get("email")
+        if crm_id is None and not email:
+            return Outcome(Answer(204, None))  # HubSpot never heard of this contact
+        body = {"objectId": crm_id} if crm_id else {"objectId": email, "idProperty": "email"}
+        response = await self.post("/crm/v3/objects/contacts/gdpr-delete", body)
+        if isinstance(response, Answer) and response.status == 404:
+            return Outcome(Answer(204, None))  # already gone
+        return Outcome(response if isinstance(response, Answer) else Answer(204, None))
