@@ -4,19 +4,29 @@ library, and the inbound CRM webhook to crm-events."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import itertools
+import json
 import shutil
 import time
 import uuid
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
+import orjson
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
+from openapi_core import OpenAPI
+from openapi_core.contrib.starlette.requests import StarletteOpenAPIRequest
 from standardwebhooks.webhooks import Webhook
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -45,6 +55,73 @@ ADMIN = {"Authorization": f"Bearer {DEVELOPMENT_ADMIN_TOKEN}"}
 OUTBOUND = development_secret("outbound-test", "a")
 OLD_OUTBOUND = development_secret("outbound-test", "b")
 INBOUND = development_secret("inbound-test", "a")
+HUBSPOT_TOKEN = "pat-eu1-test-token"
+HUBSPOT_SECRET = "hubspot-client-secret"
+SPECS = repository_root() / "services" / "crm-bridge" / "tests" / "specs" / "hubspot"
+
+
+class HubSpotStandIn:
+    """HubSpot's CRM v3 as far as the bridge uses it. Every request is validated against
+    HubSpot's official OpenAPI files; one that does not conform is answered 400 and kept."""
+
+    def __init__(self) -> None:
+        self.apis: dict[str, OpenAPI] = {}
+        for name, prefix in (("crm-contacts-v3.json", "/crm/v3/objects/contacts"),
+                             ("crm-notes-v3.json", "/crm/v3/objects/notes")):
+            spec = json.loads((SPECS / name).read_text())
+            spec["servers"] = [{"url": "/"}]  # wherever the stand-in listens
+            self.apis[prefix] = OpenAPI.from_dict(spec)
+        self.ids = (str(n) for n in itertools.count(7001))
+        self.contacts: dict[str, str] = {}  # email → id
+        self.properties: dict[str, dict[str, str]] = defaultdict(dict)  # id → properties
+        self.notes: dict[str, list[dict[str, str]]] = defaultdict(list)  # contact id → notes
+        self.erased: list[dict[str, Any]] = []
+        self.invalid: list[str] = []
+        self.unauthorised = 0
+
+    async def handle(self, request: Request) -> Response:  # noqa: PLR0911
+        body = await request.body()
+        path = request.url.path
+        api = next((a for prefix, a in self.apis.items() if path.startswith(prefix)), None)
+        if api is None:
+            return JSONResponse({"message": "unknown endpoint"}, status_code=404)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the spec's OAuth scheme is not checked here
+                api.validate_request(StarletteOpenAPIRequest(request, body))
+        except Exception as error:  # noqa: BLE001 - every failure is a finding
+            self.invalid.append(f"{request.method} {path}: {error}")
+            return JSONResponse({"message": str(error)}, status_code=400)
+        if request.headers.get("authorization") != f"Bearer {HUBSPOT_TOKEN}":
+            self.unauthorised += 1
+            return JSONResponse({"message": "unauthorised"}, status_code=401)
+        document = orjson.loads(body)
+        now = datetime.now(UTC).isoformat()
+        if path.endswith("/contacts/batch/upsert"):
+            results = []
+            for item in document["inputs"]:
+                email = item["id"].lower()
+                new = email not in self.contacts
+                hubspot_id = self.contacts.setdefault(email, next(self.ids))
+                self.properties[hubspot_id].update(item["properties"])
+                results.append({"id": hubspot_id, "properties": self.properties[hubspot_id],
+                                "createdAt": now, "updatedAt": now, "archived": False,
+                                "new": new})
+            return JSONResponse({"status": "COMPLETE", "results": results, "startedAt": now,
+                                 "completedAt": now})
+        if path.endswith("/notes/batch/create"):
+            for item in document["inputs"]:
+                for association in item["associations"]:
+                    self.notes[association["to"]["id"]].append(item["properties"])
+            return JSONResponse({"status": "COMPLETE", "results": [], "startedAt": now,
+                                 "completedAt": now}, status_code=201)
+        if path.endswith("/contacts/gdpr-delete"):
+            self.erased.append(document)
+            return Response(status_code=204)
+        return JSONResponse({"message": "not in the stand-in"}, status_code=404)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self.handle, methods=["POST"])])
 
 
 @dataclass
@@ -84,6 +161,22 @@ class Rig:
     receiver_url: str
     service: Bridge
     settings: BridgeSettings
+    hubspot: HubSpotStandIn
+
+    async def publish(self, topic: str, kind: str, data: dict[str, Any],
+                      workspace: str = "acme", at: datetime | None = None) -> Envelope:
+        at = at or datetime.now(UTC)
+        contact_id = data.get("contact_id") or data.get("survivor_id")
+        envelope = Envelope(id=str(uuid.uuid4()), type=kind, workspace=workspace,
+                            occurred_at=at, received_at=at, producer="scoring", data=data)
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            await producer.send_and_wait(self.settings.topic(topic), encode(envelope),
+                                         key=f"{workspace}:{contact_id}".encode())
+        finally:
+            await producer.stop()
+        return envelope
 
     async def command(self, kind: str, workspace: str = "dev", **data: Any) -> Envelope:
         now = datetime.now(UTC)
@@ -115,13 +208,28 @@ class Rig:
 async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistry,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     receiver = Receiver(OUTBOUND)
-    async with serve_app(receiver.app()) as receiver_url:
+    hubspot = HubSpotStandIn()
+    async with serve_app(receiver.app()) as receiver_url, \
+            serve_app(hubspot.app()) as hubspot_url:
         config = tmp_path_factory.mktemp("config")
         shutil.copy(repository_root() / "config" / "forms.yaml", config / "forms.yaml")
         (config / "workspaces.yaml").write_text(yaml.safe_dump({"workspaces": [
             {"id": "dev", "write_keys": ["k1"], "allow_private_webhooks": True},
-            {"id": "strict", "write_keys": ["k2"]}]}))
-        (config / "connectors.yaml").write_text(yaml.safe_dump({"connectors": [
+            {"id": "strict", "write_keys": ["k2"]},
+            {"id": "acme", "write_keys": ["k3"], "allow_private_webhooks": True}]}))
+        (config / "connectors.yaml").write_text(yaml.safe_dump({"activities": [
+            {"type": "track", "event": "Document Downloaded",
+             "label": "downloaded {properties.document}"},
+            {"type": "track", "event": "Video Playback Started",
+             "label": "watched {properties.title}"},
+        ], "connectors": [
+            {"id": "hubspot", "workspace": "acme", "kind": "hubspot", "url": hubspot_url,
+             "events": ["handoff", "lifecycle", "score", "activity", "profile", "erasure"],
+             "secrets": {"token": "LW_TEST_HUBSPOT_TOKEN",
+                         "client_secret": "LW_TEST_HUBSPOT_SECRET"},
+             "owners": {"anna.berger@example.de": "501"}},
+            {"id": "timeline", "workspace": "acme", "url": f"{receiver_url}/timeline",
+             "events": ["activity"]},
             {"id": "crm", "workspace": "dev", "url": f"{receiver_url}/handoff",
              "events": ["handoff"]},
             {"id": "crm", "workspace": "strict", "url": f"{receiver_url}/strict",
@@ -138,6 +246,7 @@ async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistr
             "LEADWERK_WEBHOOK_SECRETS": f"{OUTBOUND} {OLD_OUTBOUND}",
             "LEADWERK_INBOUND_WEBHOOK_SECRETS": INBOUND,
             "LEADWERK_CRM_RETRY_BASE_SECONDS": "0.05", "LEADWERK_CRM_RETRY_ATTEMPTS": "4",
+            "LW_TEST_HUBSPOT_TOKEN": HUBSPOT_TOKEN, "LW_TEST_HUBSPOT_SECRET": HUBSPOT_SECRET,
         }
         with pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():
@@ -146,7 +255,8 @@ async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistr
             await provision_topics(settings, contract_registry, replication_factor=1)
             app = create_app(settings)
             async with serve_app(app) as bridge_url:
-                yield Rig(bridge_url, receiver, receiver_url, app.state.bridge, settings)
+                yield Rig(bridge_url, receiver, receiver_url, app.state.bridge, settings,
+                          hubspot)
 
 
 async def test_a_handoff_arrives_signed_once_even_when_the_receiver_fails_first(
@@ -250,7 +360,153 @@ async def test_a_signed_deal_won_reaches_crm_events_once(rig: Rig) -> None:
         ("crm.lead_feedback.v1", "won", "D-17")]
 
 
-async def _state(rig: Rig, client: httpx.AsyncClient, contact_id: str, state: str,
-                 workspace: str = "dev") -> list[dict[str, Any]] | None:
+async def _state(rig: Rig, client: httpx.AsyncClient, contact_id: str, state: str, *,
+                 workspace: str = "dev", at_least: int = 1) -> list[dict[str, Any]] | None:
     items = await rig.log(client, contact_id, workspace)
-    return items if items and all(i["state"] == state for i in items) else None
+    return items if len(items) >= at_least and all(i["state"] == state for i in items) \
+        else None
+
+
+async def _known_contact(rig: Rig, email: str) -> str:
+    """A contact the bridge knows (its profile), as HubSpot gets it."""
+    contact_id = str(uuid.uuid4())
+    await rig.publish("contact-events", "contact.profile_changed.v1", {
+        "contact_id": contact_id, "changed": {"email": email},
+        "traits": {"email": email, "first_name": "Anna", "company": "Schmidt GmbH",
+                   "owner": "anna.berger@example.de"}})
+    async with httpx.AsyncClient(timeout=10) as client:
+        await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                                  workspace="acme"))
+    return contact_id
+
+
+async def test_hubspot_gets_contact_activities_and_handoff_as_its_api_describes(
+        rig: Rig) -> None:
+    email = f"anna.{uuid.uuid4().hex[:8]}@schmidt.example"
+    contact_id = await _known_contact(rig, email)
+    start = datetime.now(UTC)
+    for minutes, name, properties in (
+            (3, "Document Downloaded", {"properties.document": "pricing-sheet.pdf"}),
+            (2, "Video Playback Started", {"properties.title": "the demo video"}),
+            (1, "Document Downloaded", {"properties.document": "pricing-sheet.pdf"}),
+            (1, "Careers Page Read", {})):  # no rule names it: the CRM does not see it
+        await rig.publish("contact-events", "contact.activity.v1", {
+            "contact_id": contact_id, "known": True, "kind": "track", "name": name,
+            "properties": properties}, at=start - timedelta(minutes=minutes))
+    await rig.publish("contact-changes", "contact.score_changed.v1", {
+        "contact_id": contact_id, "score": 120.0, "previous_score": 60.0, "grade": "B",
+        "band": 2, "rating": "B2", "previous_rating": "B1", "model_version": 1, "causes": []})
+    await rig.publish("contact-changes", "contact.stage_changed.v1", {
+        "contact_id": contact_id, "from_stage": "lead", "to_stage": "mql", "cause": "score",
+        "reason": None, "score": 120.0, "rating": "B2", "changed_at": start.isoformat()})
+    async with httpx.AsyncClient(timeout=10) as client:
+        log = await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                              workspace="acme", at_least=9))  # 6 + 3 webhook
+        await rig.command("crm.handoff_requested.v1", workspace="acme",
+                          contact_id=contact_id, reason="became MQL",
+                          owner="anna.berger@example.de")
+        log = await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                              workspace="acme", at_least=10))
+    assert rig.hubspot.invalid == []
+    assert rig.hubspot.unauthorised == 0
+    hubspot_id = rig.hubspot.contacts[email]
+    properties = rig.hubspot.properties[hubspot_id]
+    assert {k: properties.get(k) for k in (
+        "email", "firstname", "company", "leadwerk_score", "leadwerk_grade",
+        "leadwerk_rating", "lifecyclestage", "hs_lead_status", "hubspot_owner_id")} == {
+        "email": email, "firstname": "Anna", "company": "Schmidt GmbH",
+        "leadwerk_score": "120", "leadwerk_grade": "B", "leadwerk_rating": "B2",
+        "lifecyclestage": "marketingqualifiedlead", "hs_lead_status": "NEW",
+        "hubspot_owner_id": "501"}
+    notes = [n["hs_note_body"] for n in rig.hubspot.notes[hubspot_id]]
+    assert notes[:3] == ["downloaded pricing-sheet.pdf", "watched the demo video",
+                         "downloaded pricing-sheet.pdf"]
+    assert "Recent activity: downloaded pricing-sheet.pdf twice, watched the demo video" \
+        in notes[3]
+    assert len(notes) == 4
+    kinds = Counter(d["kind"] for d in log if d["connector"] == "hubspot")
+    assert kinds == {"profile": 1, "activity": 3, "score": 1, "lifecycle": 1, "handoff": 1}
+    # The webhook connector got the same three activities, signed, each with its own id.
+    timeline = [item for p in rig.receiver.verified["/timeline"]
+                for item in ([p] if p["type"] == "contact.activity" else p["data"]["items"])
+                if item["data"]["contact_id"] == contact_id]
+    assert [i["data"]["label"] for i in timeline] == notes[:3]
+
+
+async def test_hubspot_changes_come_back_signed_and_once(rig: Rig) -> None:
+    email = f"ben.{uuid.uuid4().hex[:8]}@schmidt.example"
+    contact_id = await _known_contact(rig, email)
+    hubspot_id = rig.hubspot.contacts[email]
+    url = f"{rig.bridge}/webhooks/acme/hubspot"
+    base = int(time.time() * 1000)
+    events = [
+        {"eventId": base + 1, "subscriptionType": "contact.propertyChange", "portalId": 62515,
+         "objectId": int(hubspot_id), "propertyName": "lifecyclestage",
+         "propertyValue": "customer", "occurredAt": base, "changeSource": "CRM_UI"},
+        {"eventId": base + 2, "subscriptionType": "contact.propertyChange", "portalId": 62515,
+         "objectId": int(hubspot_id), "propertyName": "hubspot_owner_id",
+         "propertyValue": "501", "occurredAt": base, "changeSource": "CRM_UI"},
+        {"eventId": base + 3, "subscriptionType": "contact.propertyChange", "portalId": 62515,
+         "objectId": int(hubspot_id), "propertyName": "jobtitle",
+         "propertyValue": "Head of Sales", "occurredAt": base, "changeSource": "CRM_UI"},
+        {"eventId": base + 4, "subscriptionType": "contact.propertyChange", "portalId": 62515,
+         "objectId": 999999, "propertyName": "lifecyclestage",  # not a contact of ours
+         "propertyValue": "customer", "occurredAt": base, "changeSource": "CRM_UI"},
+    ]
+    body = orjson.dumps(events)
+
+    def signed(content: bytes, stamp: int | None = None) -> dict[str, str]:
+        timestamp = str(stamp or int(time.time() * 1000))
+        digest = hmac.new(HUBSPOT_SECRET.encode(),
+                          b"POST" + url.encode() + content + timestamp.encode(),
+                          hashlib.sha256).digest()
+        return {"Content-Type": "application/json", "X-HubSpot-Request-Timestamp": timestamp,
+                "X-HubSpot-Signature-v3": base64.b64encode(digest).decode()}
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        first = await client.post(url, content=body, headers=signed(body))
+        assert first.status_code == 200, first.text
+        assert first.json() == {"accepted": 3, "duplicate": 0, "ignored": 1}
+        again = await client.post(url, content=body, headers=signed(body))
+        assert again.json() == {"accepted": 0, "duplicate": 3, "ignored": 1}
+        stale = await client.post(url, content=body,
+                                  headers=signed(body, base - 10 * 60 * 1000))
+        assert stale.status_code == 401
+        forged = await client.post(url, content=body.replace(b"customer", b"other"),
+                                   headers=signed(body))
+        assert forged.status_code == 401
+    events_out = [e for e in values(await read_topic(
+        rig.settings.kafka_bootstrap_servers, rig.settings.topic("crm-events"), 1,
+        timeout=10, idle=0.5)) if e["data"]["contact_id"] == contact_id]
+    assert sorted((e["type"], json.dumps(e["data"].get("status") or e["data"]["traits"]))
+                  for e in events_out) == [
+        ("crm.contact_updated.v1", '{"owner": "anna.berger@example.de"}'),
+        ("crm.contact_updated.v1", '{"role": "Head of Sales"}'),
+        ("crm.lead_feedback.v1", '"won"')]
+
+
+async def test_an_erasure_reaches_hubspot_and_leaves_nothing_behind(rig: Rig) -> None:
+    email = f"carla.{uuid.uuid4().hex[:8]}@schmidt.example"
+    contact_id = await _known_contact(rig, email)
+    hubspot_id = rig.hubspot.contacts[email]
+    await rig.publish("contact-changes", "contact.erased.v1", {
+        "contact_id": contact_id, "merged_ids": [], "identifier_digests": [],
+        "requested_by": "api"})
+    async with httpx.AsyncClient(timeout=10) as client:
+        log = await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                              workspace="acme", at_least=2))
+    assert [d["kind"] for d in log] == ["profile", "erasure"]
+    assert {"objectId": hubspot_id} in rig.hubspot.erased
+    connection = await asyncpg.connect(rig.settings.database_url.get_secret_value()
+                                       if rig.settings.database_url else "",
+                                       server_settings={"search_path": "crm_bridge"})
+    try:
+        bodies = await connection.fetch(
+            "SELECT body FROM deliveries WHERE contact_id = $1", contact_id)
+        left = [await connection.fetchval(
+            f"SELECT count(*) FROM {table} WHERE contact_id = $1", contact_id)  # noqa: S608
+            for table in ("contacts", "recent_activities", "crm_records")]
+    finally:
+        await connection.close()
+    assert {bytes(b["body"]) for b in bodies} == {b"{}"}
+    assert left == [0, 0, 0]
