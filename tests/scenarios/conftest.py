@@ -22,6 +22,8 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
+from leadwerk_crm_bridge.api import create_app as create_bridge
+from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_mailer.api import create_app as create_mailer
@@ -78,6 +80,7 @@ class Stack:
     user_ids: dict[str, str] = field(default_factory=dict)
     mailer: str = ""
     mail: MailSink | None = None
+    bridge: str = ""
 
     @property
     def admin(self) -> dict[str, str]:
@@ -164,9 +167,9 @@ async def known_contact(stack: Stack, client: httpx.AsyncClient, **traits: Any) 
 
 
 async def scoring_database(infrastructure: Infrastructure) -> str:
-    """A fresh database with the scoring, workflow and mailer schemas migrated."""
+    """A fresh database with the scoring, workflow, mailer and crm-bridge schemas."""
     url = await create_database(infrastructure.database_url, "scn")
-    for service in ("scoring", "workflow", "mailer"):
+    for service in ("scoring", "workflow", "mailer", "crm-bridge"):
         await migrate(url, service)
     return url
 
@@ -224,10 +227,11 @@ async def stack(infrastructure: Infrastructure,
             async with serve_app(create_ingest(IngestSettings()), port=ingest_port) \
                     as ingest_url, serve_app(app) as scoring_url, \
                     serve_app(mailer, port=mailer_port) as mailer_url, \
-                    serve_app(journeys) as workflow_url:
+                    serve_app(journeys) as workflow_url, \
+                    serve_app(create_bridge(BridgeSettings(), clock=clock)) as bridge_url:
                 yield Stack(ingest_url, scoring_url, workflow_url, clock, app.state.scoring,
                             journeys.state.workflow, settings, failures, mailer=mailer_url,
-                            mail=sink)
+                            mail=sink, bridge=bridge_url)
         finally:
             relay.stop()
     os.environ.pop("LEADWERK_SCORING_BATCH_WITHIN", None)

@@ -9,8 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import orjson
 from aiokafka import AIOKafkaProducer
+from standardwebhooks.webhooks import Webhook
 
+from leadwerk_crm_bridge.domain.outbound import development_secret
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.testing.helpers import read_topic, values
@@ -229,6 +232,37 @@ async def test_crm_acceptance_moves_an_mql_to_sal(stack: Stack) -> None:
             return body if body["stage"] == "sal" else None
 
         await stack.eventually(accepted)
+
+
+async def test_deal_won_and_owner_change_in_the_crm_reach_the_contact(stack: Stack) -> None:
+    """The closed loop through the public interfaces: the CRM calls the bridge's signed
+    webhook, the contacts API shows the customer and the new owner."""
+    secret = development_secret(stack.settings.secret_key.get_secret_value(), "inbound")
+    async with browser() as client:
+        mql = await become_mql(stack, client)
+        for event_id, payload in (
+                (f"deal-{uuid.uuid4().hex}", {"type": "deal.won", "data": {
+                    "contact_id": mql["id"], "crm_id": "D-4711", "value": 24000}}),
+                (f"owner-{uuid.uuid4().hex}", {"type": "owner.changed", "data": {
+                    "contact_id": mql["id"], "owner": "jonas.weber@example.de"}})):
+            body = orjson.dumps(payload).decode()
+            sent = datetime.now(UTC)
+            response = await client.post(
+                f"{stack.bridge}/webhooks/dev/generic", content=body, headers={
+                    "Content-Type": "application/json", "webhook-id": event_id,
+                    "webhook-timestamp": str(int(sent.timestamp())),
+                    "webhook-signature": Webhook(secret).sign(event_id, sent, body)})
+            assert response.status_code == 200, response.text
+
+        async def won() -> dict[str, Any] | None:
+            body: dict[str, Any] = (await stack.api(client, "GET",
+                                                    f"/contacts/{mql['id']}")).json()
+            owner = body["traits"].get("owner")
+            return body if body["stage"] == "customer" and owner == "jonas.weber@example.de" \
+                else None
+
+        found = await stack.eventually(won)
+        assert found["stage"] == "customer"
 
 
 async def test_merge_export_and_erasure_through_the_api(stack: Stack) -> None:

@@ -52,7 +52,7 @@ CONSUMER = "scorer"
 #: bounces, …) are recorded as processed without locking a score row.
 APPLIED = frozenset({"contact.activity.v1", "contact.profile_changed.v1", "contact.merged.v1",
                      "contact.change_requested.v1", "crm.lead_feedback.v1",
-                     "email.bounced.v1"})
+                     "crm.contact_updated.v1", "email.bounced.v1"})
 OUTBOX_STREAM = "scorer"
 _DOWNGRADE_BATCH = 500
 
@@ -395,6 +395,13 @@ class Scorer:
                     else await self._feedback(writer, row, model, envelope)
                 if problem:
                     return problem
+            case "crm.contact_updated.v1":
+                # Sales changed the owner or a field in the CRM: a trait like any other
+                # (the more recent value wins).
+                updated = await self._set_traits(connection, writer, row, envelope,
+                                                 data={"traits": envelope.data.get("traits")})
+                if updated is not None:
+                    traits[(row.workspace, row.contact_id)] = updated
             case "email.bounced.v1":
                 await self._bounced(connection, writer, row, envelope, traits)
         writer.announce(row, model, now if at > now else at, previous_score=previous_score,
@@ -447,7 +454,8 @@ class Scorer:
         """Another service asks about a contact that is gone (erased, or never existed):
         nothing to change, and no empty score row left behind."""
         if envelope.type not in {"contact.change_requested.v1", "crm.lead_feedback.v1",
-                                 "email.bounced.v1"} or await connection.fetchval(
+                                 "crm.contact_updated.v1", "email.bounced.v1"} \
+                or await connection.fetchval(
                 "SELECT 1 FROM contacts WHERE workspace = $1 AND contact_id = $2",
                 row.workspace, row.contact_id):
             return False
