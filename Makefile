@@ -47,11 +47,12 @@ lint: setup  ## ruff + mypy (strict)
 format: setup  ## apply ruff's fixes and formatting
 	@$(UV) run --no-sync ruff check --fix .
 
-bench: setup  ## ingest, scoring, workflow and mailer against baselines measured in the same run
+bench: setup  ## ingest, scoring, workflow, mailer and crm-bridge against baselines measured in the same run
 	@$(UV) run --no-sync python -m bench.ingest_bench
 	@$(UV) run --no-sync python -m bench.scoring_bench
 	@$(UV) run --no-sync python -m bench.workflow_bench
 	@$(UV) run --no-sync python -m bench.mailer_bench
+	@$(UV) run --no-sync python -m bench.crm_bench
 
 bench-scoring: setup  ## only the stitcher/scorer benchmark (docs/benchmarks-scoring.md)
 	@$(UV) run --no-sync python -m bench.scoring_bench

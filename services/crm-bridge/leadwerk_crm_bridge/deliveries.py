@@ -7,6 +7,7 @@ breaker per endpoint, and dead-letters after the budget (replayable).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import defaultdict
@@ -86,14 +87,25 @@ async def enqueue(connection: Connection, targets: Sequence[tuple[str, str]], *,
                 "d.contact_id AND e.connector = d.connector AND e.seq > d.seq) "
                 "RETURNING true", workspace, contact_id, connector, kind, body, now):
             continue
-        rows.append((uuid.uuid5(_NAMESPACE, f"{source_id}\x1f{connector}"), workspace,
-                     contact_id, source_id, connector, url, kind, body, now))
+        rows.append(delivery_row(connector, url, workspace=workspace, contact_id=contact_id,
+                                 source_id=source_id, kind=kind, body=body, now=now))
+    await insert_deliveries(connection, rows)
+    return len(rows)
+
+
+def delivery_row(connector: str, url: str, *, workspace: str, contact_id: str,
+                 source_id: str, kind: str, body: bytes, now: datetime) -> tuple[Any, ...]:
+    return (uuid.uuid5(_NAMESPACE, f"{source_id}\x1f{connector}"), workspace, contact_id,
+            source_id, connector, url, kind, body, now)
+
+
+async def insert_deliveries(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Rows of :func:`delivery_row`, in order (their ``seq`` is the order per contact)."""
     if rows:
         await connection.executemany(
             "INSERT INTO deliveries (delivery_id, workspace, contact_id, command_id, "
             "connector, url, kind, event, body, state, created_at, updated_at) VALUES ($1, $2, "
             "$3, $4, $5, $6, $7, $7, $8, 'pending', $9, $9) ON CONFLICT DO NOTHING", rows)
-    return len(rows)
 
 
 class CommandHandler:
@@ -211,13 +223,12 @@ class DeliveryWorker(DueTimer):
         for record in known:
             crm_ids[(record["workspace"], record["connector"])][record["contact_id"]] = \
                 record["crm_id"]
-        for lease_row in leased:
-            batch_items = items.get(lease_row["batch_id"])
-            if not batch_items:  # every member was cancelled (erasure) meanwhile
-                await self._close(lease_row["batch_id"], "delivered")
-                continue
-            await self._send(lease_row, batch_items,
-                             crm_ids[(lease_row["workspace"], lease_row["connector"])])
+        await asyncio.gather(*(
+            self._send(lease_row, items[lease_row["batch_id"]],
+                       crm_ids[(lease_row["workspace"], lease_row["connector"])])
+            if items.get(lease_row["batch_id"])
+            else self._close(lease_row["batch_id"], "delivered")  # all cancelled (erasure)
+            for lease_row in leased))
         return len(leased)
 
     async def _form(self) -> None:

@@ -48,14 +48,6 @@ async def recent_summary(connection: Connection, workspace: str,
     return labels, summary(r["label"] for r in rows)
 
 
-async def remember_activity(connection: Connection, workspace: str, contact_id: str, *,
-                            event_id: str, at: datetime, label: str) -> None:
-    await connection.execute(
-        "INSERT INTO recent_activities (workspace, contact_id, event_id, occurred_at, label) "
-        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-        workspace, contact_id, event_id, at, label)
-
-
 async def forget_old_activities(connection: Connection, now: datetime) -> int:
     """Activities older than 90 days leave the summary (run now and then)."""
     result: str = await connection.execute(

@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import orjson
 
 from leadwerk_crm_bridge.config import Kind
-from leadwerk_crm_bridge.deliveries import REDACTED, DeliveryWorker, Deps, enqueue, event_body
+from leadwerk_crm_bridge.deliveries import (
+    REDACTED,
+    DeliveryWorker,
+    Deps,
+    delivery_row,
+    enqueue,
+    event_body,
+    insert_deliveries,
+)
 from leadwerk_crm_bridge.domain.sync import activity_view, label_for
-from leadwerk_crm_bridge.projection import contact_document, remember_activity
+from leadwerk_crm_bridge.projection import contact_document
 from leadwerk_platform.envelope import Envelope, InvalidMessageError
 from leadwerk_platform.kafka.consumer import ConsumedMessage
 
@@ -29,6 +38,25 @@ def _jsonb(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+@dataclass
+class _Batch:
+    """What a fetched batch of activities writes in one go, and the contacts it read."""
+
+    remembered: list[tuple[str, str, str, datetime, str]] = field(default_factory=list)
+    deliveries: list[tuple[Any, ...]] = field(default_factory=list)
+    contacts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    queued: int = 0
+
+    async def flush(self, connection: Connection) -> None:
+        if self.remembered:
+            await connection.executemany(
+                "INSERT INTO recent_activities (workspace, contact_id, event_id, occurred_at, "
+                "label) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING", self.remembered)
+        await insert_deliveries(connection, self.deliveries)
+        self.queued += len(self.deliveries)
+        self.remembered, self.deliveries = [], []
+
+
 class SyncHandler:
     def __init__(self, deps: Deps, worker: DeliveryWorker | None) -> None:
         self._deps = deps
@@ -38,23 +66,36 @@ class SyncHandler:
         await self.batch([message])
 
     async def batch(self, messages: Sequence[ConsumedMessage]) -> None:
-        queued = 0
+        state = _Batch()
         async with self._deps.pool.acquire() as connection, connection.transaction():
+            fresh = {str(r["event_id"]) for r in await connection.fetch(
+                "INSERT INTO processed (consumer, event_id) SELECT $1, unnest($2::uuid[]) "
+                "ON CONFLICT DO NOTHING RETURNING event_id", CONSUMER,
+                [m.envelope.id for m in messages])}
             for message in messages:
-                queued += await self._one(connection, message.envelope)
-        if queued and self._worker is not None:
+                if message.envelope.id in fresh:
+                    await self._one(connection, message.envelope, state)
+            await state.flush(connection)
+        if state.queued and self._worker is not None:
             self._worker.wake()
 
-    async def _one(self, connection: Connection, envelope: Envelope) -> int:  # noqa: PLR0911
+    async def _one(self, connection: Connection, envelope: Envelope, state: _Batch) -> None:
         data = envelope.data
         contact_id = data.get("survivor_id") if envelope.type == "contact.merged.v1" \
             else data.get("contact_id")
         if not isinstance(contact_id, str):
             raise InvalidMessageError(f"{envelope.type} without a contact id")
-        if not await connection.fetchval(
-                "INSERT INTO processed (consumer, event_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING RETURNING true", CONSUMER, envelope.id):
-            return 0
+        if envelope.type == "contact.activity.v1":
+            await self._activity(connection, envelope, state)
+            return
+        # Anything else writes at once, so what the batch holds goes first (in order).
+        await state.flush(connection)
+        state.contacts.pop((envelope.workspace, contact_id), None)
+        state.queued += await self._change(connection, envelope, contact_id)
+
+    async def _change(self, connection: Connection, envelope: Envelope,
+                      contact_id: str) -> int:
+        data = envelope.data
         workspace, at = envelope.workspace, envelope.occurred_at
         match envelope.type:
             case "contact.profile_changed.v1":
@@ -89,8 +130,6 @@ class SyncHandler:
                 return await self._sync(
                     connection, envelope, "lifecycle", "contact.stage_changed",
                     {k: data.get(k) for k in ("from_stage", "to_stage", "cause", "reason")})
-            case "contact.activity.v1":
-                return await self._activity(connection, envelope)
             case "contact.merged.v1":
                 await self._merged(connection, workspace, contact_id, str(data["merged_id"]))
             case "contact.erased.v1":
@@ -113,18 +152,34 @@ class SyncHandler:
         self._deps.metrics.queued.labels(kind).inc(queued)
         return queued
 
-    async def _activity(self, connection: Connection, envelope: Envelope) -> int:
-        data = envelope.data
+    async def _activity(self, connection: Connection, envelope: Envelope,
+                        state: _Batch) -> None:
+        """A selected activity: remembered for the summary and queued for the connectors
+        (written with the batch's others in one go)."""
+        data, workspace = envelope.data, envelope.workspace
         if not data.get("known"):
-            return 0
+            return
         label = label_for(activity_view(data), self._deps.config.activities)
         if label is None:
-            return 0
-        await remember_activity(connection, envelope.workspace, str(data["contact_id"]),
-                                event_id=envelope.id, at=envelope.occurred_at, label=label)
-        return await self._sync(connection, envelope, "activity", "contact.activity", {
-            "event_id": envelope.id, "occurred_at": envelope.occurred_at.isoformat(),
-            "type": data.get("kind"), "event": data.get("name"), "label": label})
+            return
+        contact_id = str(data["contact_id"])
+        state.remembered.append((workspace, contact_id, envelope.id, envelope.occurred_at,
+                                 label))
+        targets = self._deps.config.targets(workspace, "activity")
+        if not targets:
+            return
+        key = (workspace, contact_id)
+        if key not in state.contacts:
+            state.contacts[key] = await contact_document(connection, workspace, contact_id)
+        body = event_body("contact.activity", envelope.occurred_at, {
+            "contact_id": contact_id, "event_id": envelope.id,
+            "occurred_at": envelope.occurred_at.isoformat(), "type": data.get("kind"),
+            "event": data.get("name"), "label": label, "contact": state.contacts[key]})
+        now = self._deps.clock()
+        state.deliveries.extend(delivery_row(
+            c.id, c.url, workspace=workspace, contact_id=contact_id, source_id=envelope.id,
+            kind="activity", body=body, now=now) for c in targets)
+        self._deps.metrics.queued.labels("activity").inc(len(targets))
 
     @staticmethod
     async def _merged(connection: Connection, workspace: str, survivor: str,
