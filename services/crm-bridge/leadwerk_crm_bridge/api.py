@@ -17,7 +17,13 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from leadwerk_crm_bridge import sync
-from leadwerk_crm_bridge.channels import Channel, Http, HubSpotChannel, WebhookChannel
+from leadwerk_crm_bridge.channels import (
+    Channel,
+    Http,
+    HubSpotChannel,
+    SalesforceChannel,
+    WebhookChannel,
+)
 from leadwerk_crm_bridge.config import Config
 from leadwerk_crm_bridge.deliveries import TOPICS, CommandHandler, DeliveryWorker, Deps
 from leadwerk_crm_bridge.inbound import (
@@ -74,7 +80,8 @@ class Bridge:
         http = Http(self._client, config.allow_private)
         channels: dict[str, Channel] = {
             "webhook": WebhookChannel(http, lambda: deps.secrets("outbound"), self.clock),
-            "hubspot": HubSpotChannel(http, lambda c: deps.secret(c, "token"))}
+            "hubspot": HubSpotChannel(http, lambda c: deps.secret(c, "token")),
+            "salesforce": SalesforceChannel(http, deps.secret)}
         self.worker = DeliveryWorker(deps, channels)
         self.relay = OutboxRelay(pool, self.publisher, schema=SCHEMA, stream=OUTBOX_STREAM)
         commands = CommandHandler(deps, self.worker)

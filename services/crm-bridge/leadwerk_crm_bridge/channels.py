@@ -14,14 +14,14 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, Literal, Protocol
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
 import orjson
 
 from leadwerk_crm_bridge.config import Connector
-from leadwerk_crm_bridge.domain import hubspot
+from leadwerk_crm_bridge.domain import hubspot, salesforce
 from leadwerk_crm_bridge.domain.outbound import forbidden, sign
 from leadwerk_platform.envelope import format_timestamp
 from leadwerk_platform.ratelimit import RateLimit
@@ -265,3 +265,129 @@ class _Calls:
         if isinstance(response, Answer) and response.status == 404:
             return Outcome(Answer(204, None))  # already gone
         return Outcome(response if isinstance(response, Answer) else Answer(204, None))
+
+
+class SalesforceChannel:
+    """Salesforce REST with the OAuth 2.0 client-credentials flow (the token is cached per
+    connector and fetched again once on a 401): Leads (or the configured object) upserted by
+    the external id field through sObject Collections, the hand-off and selected activities
+    as completed Tasks on the record, erasure as a delete by external id."""
+
+    def __init__(self, http: Http,
+                 secret: Callable[[Connector, Literal["client_id", "client_secret"]],
+                                  str | None]) -> None:
+        self._http = http
+        self._secret = secret
+        self._tokens: dict[str, tuple[str, str]] = {}  # connector → (token, instance URL)
+
+    async def deliver(self, batch: Batch) -> Outcome:
+        connector = batch.connector
+        assert connector is not None  # noqa: S101 - Salesforce batches always have one
+        if batch.items[0].kind == "erasure":
+            item = batch.items[0]
+            response = await self._api(batch, "DELETE", f"/sobjects/{connector.sobject}/"
+                                       f"{connector.external_id_field}/{item.contact_id}")
+            answer = answer_of(response)
+            return Outcome(Answer(204, None) if answer.status == 404 else answer)
+        failed: dict[str, str] = {}
+        ids = dict(batch.crm_ids)
+        needs = [i for i in batch.items if i.kind != "activity" or i.contact_id not in ids]
+        records: dict[str, dict[str, Any]] = {}
+        for item in needs:
+            records.setdefault(item.contact_id, salesforce.lead_record(
+                connector, item.event["data"].get("contact") or {}, item.contact_id))
+        learned: dict[str, str] = {}
+        if records:
+            response = await self._api(
+                batch, "PATCH", f"/composite/sobjects/{connector.sobject}/"
+                f"{connector.external_id_field}",
+                {"allOrNone": False, "records": list(records.values())})
+            if isinstance(response, Answer) or not response.is_success:
+                return Outcome(answer_of(response))
+            outcome = dict(zip(records, salesforce.results(_json(response), len(records)),
+                               strict=True))
+            for item in needs:
+                record_id, error = outcome[item.contact_id]
+                if record_id is not None:
+                    learned[item.contact_id] = ids[item.contact_id] = record_id
+                else:
+                    failed[item.delivery_id] = str(error)
+        tasks = [(item, self._task(item, ids[item.contact_id])) for item in batch.items
+                 if item.kind in {"handoff", "activity"} and item.delivery_id not in failed
+                 and item.contact_id in ids]
+        if tasks:
+            response = await self._api(batch, "POST", "/composite/sobjects", {
+                "allOrNone": False, "records": [t for _, t in tasks]})
+            if isinstance(response, Answer) or not response.is_success:
+                return Outcome(answer_of(response), failed, learned)
+            for (item, _), (_, error) in zip(
+                    tasks, salesforce.results(_json(response), len(tasks)), strict=True):
+                if error is not None:
+                    failed[item.delivery_id] = error
+        return Outcome(Answer(200, None), failed, learned)
+
+    @staticmethod
+    def _task(item: Item, who_id: str) -> dict[str, Any]:
+        event = item.event
+        data = event["data"]
+        when = str(data.get("occurred_at") or event["timestamp"])[:10]
+        if item.kind == "handoff":
+            return salesforce.task_record(who_id, subject="Leadwerk hand-off: "
+                                          f"{data.get('reason') or 'sales-ready'}",
+                                          description=salesforce.handoff_description(data),
+                                          date=when)
+        return salesforce.task_record(who_id, subject=str(data.get("label") or "activity"),
+                                      description=None, date=when)
+
+    async def _token(self, batch: Batch, *, fresh: bool) -> tuple[str, str] | Answer:
+        connector = batch.connector
+        assert connector is not None  # noqa: S101
+        key = f"{batch.workspace}:{connector.id}"
+        if key in self._tokens and not fresh:
+            return self._tokens[key]
+        client_id = self._secret(connector, "client_id")
+        client_secret = self._secret(connector, "client_secret")
+        if not client_id or not client_secret:
+            return Answer(None, "no Salesforce client credentials: set the environment "
+                                f"variables named in secrets of {connector.id}", final=True)
+        response = await self._http.call(
+            batch.workspace, "POST", connector.url.rstrip("/") + "/services/oauth2/token",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            content=urlencode({"grant_type": "client_credentials", "client_id": client_id,
+                               "client_secret": client_secret}).encode(),
+            connector=connector)
+        if isinstance(response, Answer) or not response.is_success:
+            return answer_of(response)
+        document = _json(response)
+        if not isinstance(document, dict) or not document.get("access_token"):
+            return Answer(response.status_code, "the token answer has no access_token")
+        self._tokens[key] = (str(document["access_token"]),
+                             str(document.get("instance_url") or connector.url))
+        return self._tokens[key]
+
+    async def _api(self, batch: Batch, method: str, path: str,
+                   body: dict[str, Any] | None = None) -> httpx.Response | Answer:
+        connector = batch.connector
+        assert connector is not None  # noqa: S101
+        response: httpx.Response | Answer = Answer(None, "not sent")
+        for fresh in (False, True):
+            auth = await self._token(batch, fresh=fresh)
+            if isinstance(auth, Answer):
+                return auth
+            token, instance = auth
+            response = await self._http.call(
+                batch.workspace, method,
+                f"{instance.rstrip('/')}/services/data/{connector.api_version}{path}",
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/json"},
+                content=orjson.dumps(body) if body is not None else b"", connector=connector)
+            if not (isinstance(response, httpx.Response) and response.status_code == 401):
+                break  # an expired token gets one fresh one
+        return response
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json() if response.content else None
+    except ValueError:
+        return None

@@ -124,7 +124,8 @@ class SyncHandler:
                 await connection.execute(
                     "INSERT INTO contacts (workspace, contact_id, stage, score, rating, "
                     "updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (workspace, "
-                    "contact_id) DO UPDATE SET stage = $3, updated_at = $6",
+                    "contact_id) DO UPDATE SET stage = $3, score = coalesce($4, contacts.score), "
+                    "rating = coalesce($5, contacts.rating), updated_at = $6",
                     workspace, contact_id, data.get("to_stage"), data.get("score"),
                     data.get("rating"), at)
                 return await self._sync(

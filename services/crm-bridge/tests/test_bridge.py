@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs
 
 import asyncpg
 import httpx
@@ -154,6 +155,66 @@ class Receiver:
         return Starlette(routes=[Route("/{path:path}", self.handle, methods=["POST"])])
 
 
+class SalesforceStandIn:
+    """Salesforce's REST API as far as the bridge uses it: the client-credentials token, Lead
+    upserts by external id through sObject Collections, Tasks, deletes. ``expire`` makes the
+    next API call answer 401 (an expired token)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.leads: dict[str, dict[str, Any]] = {}  # external id → fields
+        self.tasks: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+        self.problems: list[str] = []
+        self.expire = False
+
+    async def token(self, request: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs((await request.body()).decode()).items()}
+        if (form.get("grant_type"), form.get("client_id"), form.get("client_secret")) != (
+                "client_credentials", "sf-client", "sf-secret"):
+            return JSONResponse({"error": "invalid_client"}, status_code=400)
+        self.tokens.append(token := f"00D-{uuid.uuid4().hex}")
+        return JSONResponse({"access_token": token, "token_type": "Bearer",
+                             "instance_url": str(request.base_url).rstrip("/")})
+
+    async def api(self, request: Request) -> Response:
+        if not self.tokens or request.headers.get("authorization") != \
+                f"Bearer {self.tokens[-1]}" or self.expire:
+            self.expire = False
+            return JSONResponse([{"errorCode": "INVALID_SESSION_ID"}], status_code=401)
+        path = request.url.path.removeprefix("/services/data/v61.0")
+        if request.method == "DELETE":
+            self.deleted.append(path.rsplit("/", 1)[-1])
+            return Response(status_code=204)
+        body = orjson.loads(await request.body())
+        results = []
+        for record in body["records"]:
+            kind = record["attributes"]["type"]
+            if path == "/composite/sobjects/Lead/Leadwerk_Id__c" and kind == "Lead":
+                if not record.get("LastName") or not record.get("Company"):
+                    self.problems.append(f"Lead without LastName or Company: {record}")
+                key = record["Leadwerk_Id__c"]
+                self.leads.setdefault(key, {"Id": f"00Q{len(self.leads):012d}"}).update(
+                    {k: v for k, v in record.items() if k != "attributes"})
+                results.append({"id": self.leads[key]["Id"], "success": True, "errors": []})
+            elif path == "/composite/sobjects" and kind == "Task":
+                if record["WhoId"] not in {lead["Id"] for lead in self.leads.values()}:
+                    self.problems.append(f"a Task for an unknown record: {record}")
+                self.tasks.append(record)
+                results.append({"id": f"00T{len(self.tasks):012d}", "success": True,
+                                "errors": []})
+            else:
+                self.problems.append(f"{request.method} {path} {kind}")
+                results.append({"success": False, "errors": [
+                    {"statusCode": "NOT_FOUND", "message": "unexpected", "fields": []}]})
+        return JSONResponse(results)
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/services/oauth2/token", self.token, methods=["POST"]),
+            Route("/services/data/{path:path}", self.api, methods=["PATCH", "POST", "DELETE"])])
+
+
 @dataclass
 class Rig:
     bridge: str
@@ -162,6 +223,7 @@ class Rig:
     service: Bridge
     settings: BridgeSettings
     hubspot: HubSpotStandIn
+    salesforce: SalesforceStandIn
 
     async def publish(self, topic: str, kind: str, data: dict[str, Any],
                       workspace: str = "acme", at: datetime | None = None) -> Envelope:
@@ -208,15 +270,17 @@ class Rig:
 async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistry,
               tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     receiver = Receiver(OUTBOUND)
-    hubspot = HubSpotStandIn()
+    hubspot, salesforce = HubSpotStandIn(), SalesforceStandIn()
     async with serve_app(receiver.app()) as receiver_url, \
-            serve_app(hubspot.app()) as hubspot_url:
+            serve_app(hubspot.app()) as hubspot_url, \
+            serve_app(salesforce.app()) as salesforce_url:
         config = tmp_path_factory.mktemp("config")
         shutil.copy(repository_root() / "config" / "forms.yaml", config / "forms.yaml")
         (config / "workspaces.yaml").write_text(yaml.safe_dump({"workspaces": [
             {"id": "dev", "write_keys": ["k1"], "allow_private_webhooks": True},
             {"id": "strict", "write_keys": ["k2"]},
-            {"id": "acme", "write_keys": ["k3"], "allow_private_webhooks": True}]}))
+            {"id": "acme", "write_keys": ["k3"], "allow_private_webhooks": True},
+            {"id": "globex", "write_keys": ["k4"], "allow_private_webhooks": True}]}))
         (config / "connectors.yaml").write_text(yaml.safe_dump({"activities": [
             {"type": "track", "event": "Document Downloaded",
              "label": "downloaded {properties.document}"},
@@ -230,6 +294,9 @@ async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistr
              "owners": {"anna.berger@example.de": "501"}},
             {"id": "timeline", "workspace": "acme", "url": f"{receiver_url}/timeline",
              "events": ["activity"]},
+            {"id": "salesforce", "workspace": "globex", "kind": "salesforce",
+             "url": salesforce_url, "events": ["handoff", "lifecycle", "activity", "erasure"],
+             "secrets": {"client_id": "LW_TEST_SF_ID", "client_secret": "LW_TEST_SF_SECRET"}},
             {"id": "crm", "workspace": "dev", "url": f"{receiver_url}/handoff",
              "events": ["handoff"]},
             {"id": "crm", "workspace": "strict", "url": f"{receiver_url}/strict",
@@ -247,6 +314,7 @@ async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistr
             "LEADWERK_INBOUND_WEBHOOK_SECRETS": INBOUND,
             "LEADWERK_CRM_RETRY_BASE_SECONDS": "0.05", "LEADWERK_CRM_RETRY_ATTEMPTS": "4",
             "LW_TEST_HUBSPOT_TOKEN": HUBSPOT_TOKEN, "LW_TEST_HUBSPOT_SECRET": HUBSPOT_SECRET,
+            "LW_TEST_SF_ID": "sf-client", "LW_TEST_SF_SECRET": "sf-secret",
         }
         with pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():
@@ -256,7 +324,7 @@ async def rig(infrastructure: Infrastructure, contract_registry: ContractRegistr
             app = create_app(settings)
             async with serve_app(app) as bridge_url:
                 yield Rig(bridge_url, receiver, receiver_url, app.state.bridge, settings,
-                          hubspot)
+                          hubspot, salesforce)
 
 
 async def test_a_handoff_arrives_signed_once_even_when_the_receiver_fails_first(
@@ -510,3 +578,44 @@ async def test_an_erasure_reaches_hubspot_and_leaves_nothing_behind(rig: Rig) ->
         await connection.close()
     assert {bytes(b["body"]) for b in bodies} == {b"{}"}
     assert left == [0, 0, 0]
+
+
+async def test_salesforce_gets_a_lead_tasks_and_the_erasure(rig: Rig) -> None:
+    contact_id = str(uuid.uuid4())
+    await rig.publish("contact-events", "contact.profile_changed.v1", workspace="globex", data={
+        "contact_id": contact_id, "changed": {"email": "d@globex.example"},
+        "traits": {"email": "d@globex.example", "first_name": "Dana", "company": "Globex"}})
+    await rig.publish("contact-events", "contact.activity.v1", workspace="globex", data={
+        "contact_id": contact_id, "known": True, "kind": "track",
+        "name": "Document Downloaded", "properties": {"properties.document": "pricing.pdf"}})
+    rig.salesforce.expire = True  # the first call meets an expired token
+    await rig.publish("contact-changes", "contact.stage_changed.v1", workspace="globex", data={
+        "contact_id": contact_id, "from_stage": "lead", "to_stage": "mql", "cause": "score",
+        "reason": None, "score": 130.0, "rating": "A2", "changed_at": "2026-11-21T10:00:00Z"})
+    async with httpx.AsyncClient(timeout=10) as client:
+        await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                        workspace="globex", at_least=2))
+        await rig.command("crm.handoff_requested.v1", workspace="globex",
+                          contact_id=contact_id, reason="became MQL")
+        await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                        workspace="globex", at_least=3))
+        await rig.publish("contact-changes", "contact.erased.v1", workspace="globex", data={
+            "contact_id": contact_id, "merged_ids": [], "identifier_digests": [],
+            "requested_by": "api"})
+        log = await eventually(lambda: _state(rig, client, contact_id, "delivered",
+                                              workspace="globex", at_least=4))
+    kinds = [d["kind"] for d in log]  # two topics: the first two in either order
+    assert (sorted(kinds[:2]), kinds[2:]) == (["activity", "lifecycle"], ["handoff", "erasure"])
+    assert rig.salesforce.problems == []
+    assert len(rig.salesforce.tokens) >= 2  # fetched again after the 401
+    lead = rig.salesforce.leads[contact_id]
+    assert {k: lead.get(k) for k in ("Email", "FirstName", "LastName", "Company", "Status",
+                                     "Leadwerk_Stage__c", "Leadwerk_Rating__c")} == {
+        "Email": "d@globex.example", "FirstName": "Dana", "LastName": "[not provided]",
+        "Company": "Globex", "Status": "Open - Not Contacted", "Leadwerk_Stage__c": "mql",
+        "Leadwerk_Rating__c": "A2"}
+    tasks = [t for t in rig.salesforce.tasks if t["WhoId"] == lead["Id"]]
+    assert [t["Subject"] for t in tasks] == ["downloaded pricing.pdf",
+                                             "Leadwerk hand-off: became MQL"]
+    assert "Recent activity: downloaded pricing.pdf" in tasks[1]["Description"]
+    assert rig.salesforce.deleted == [contact_id]
