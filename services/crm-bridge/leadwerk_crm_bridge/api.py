@@ -25,7 +25,13 @@ from leadwerk_crm_bridge.channels import (
     WebhookChannel,
 )
 from leadwerk_crm_bridge.config import Config
-from leadwerk_crm_bridge.deliveries import TOPICS, CommandHandler, DeliveryWorker, Deps
+from leadwerk_crm_bridge.deliveries import (
+    TOPICS,
+    CommandHandler,
+    DeliveryWorker,
+    Deps,
+    replay_dead,
+)
 from leadwerk_crm_bridge.inbound import (
     OUTBOX_STREAM,
     InboundError,
@@ -226,28 +232,22 @@ def _router(bridge: Bridge, settings: BridgeSettings,
     async def replay_all(connector: str | None = None,
                          workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
-            rows = await connection.fetch(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
-                "next_attempt_at = $3, updated_at = $3 WHERE workspace = $1 AND state = 'dead' "
-                "AND ($2::text IS NULL OR connector = $2) RETURNING delivery_id::text",
-                workspace, connector, bridge.clock())
+            replayed = await replay_dead(connection, workspace, bridge.clock(),
+                                         connector=connector)
         if bridge.worker is not None:
             bridge.worker.wake()
-        return {"replayed": len(rows)}
+        return {"replayed": len(replayed)}
 
     @router.post("/deliveries/{delivery_id}/replay",
                  summary="Send a dead-lettered delivery again (same webhook-id)")
     async def replay(delivery_id: str, workspace: Workspace = default) -> dict[str, Any]:
         async with deps().pool.acquire() as connection:
             try:
-                row = await connection.fetchrow(
-                    "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
-                    "next_attempt_at = $3, updated_at = $3 WHERE delivery_id = $1 "
-                    "AND workspace = $2 AND state = 'dead' RETURNING delivery_id::text",
-                    delivery_id, workspace, bridge.clock())
+                replayed = await replay_dead(connection, workspace, bridge.clock(),
+                                             delivery_id=delivery_id)
             except asyncpg.DataError as error:
                 raise HTTPException(404, "no such delivery") from error
-        if row is None:
+        if not replayed:
             raise HTTPException(409, "only a dead-lettered delivery can be replayed")
         if bridge.worker is not None:
             bridge.worker.wake()

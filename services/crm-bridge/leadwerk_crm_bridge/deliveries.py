@@ -108,6 +108,20 @@ async def insert_deliveries(connection: Connection, rows: Sequence[tuple[Any, ..
             "$3, $4, $5, $6, $7, $7, $8, 'pending', $9, $9) ON CONFLICT DO NOTHING", rows)
 
 
+async def replay_dead(connection: Connection, workspace: str, now: datetime, *,
+                      delivery_id: str | None = None,
+                      connector: str | None = None) -> list[str]:
+    """Dead-lettered deliveries (one, those of a connector, or all of the workspace) wait
+    again; they form new batches (a single delivery keeps its id as the batch id)."""
+    rows = await connection.fetch(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
+        "next_attempt_at = $2, updated_at = $2 WHERE workspace = $1 AND state = 'dead' "
+        "AND ($3::uuid IS NULL OR delivery_id = $3::uuid) "
+        "AND ($4::text IS NULL OR connector = $4) RETURNING delivery_id::text",
+        workspace, now, delivery_id, connector)
+    return [str(r["delivery_id"]) for r in rows]
+
+
 class CommandHandler:
     """crm-commands → deliveries (one transaction per fetched batch)."""
 

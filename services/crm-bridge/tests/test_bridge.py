@@ -4,12 +4,14 @@ library, and the inbound CRM webhook to crm-events."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import itertools
 import json
 import shutil
+import sys
 import time
 import uuid
 import warnings
@@ -381,6 +383,25 @@ async def test_a_dead_letter_is_listed_and_replayed(rig: Rig) -> None:
         again = await client.post(
             f"{rig.bridge}/api/deliveries/{dead['delivery_id']}/replay", headers=ADMIN)
         assert again.status_code == 409
+    assert rig.receiver.ids[dead["delivery_id"]] == 1
+
+
+async def test_dead_letters_are_replayed_by_command(rig: Rig) -> None:
+    rig.receiver.script["/flaky-cli"] = [(500, {})] * 4
+    command = await rig.command("crm.webhook_requested.v1",
+                                url=f"{rig.receiver_url}/flaky-cli", event="journey.step")
+    contact_id = command.data["contact_id"]
+    async with httpx.AsyncClient(timeout=10) as client:
+        [dead] = await eventually(lambda: _state(rig, client, contact_id, "dead"))
+        replay = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "leadwerk_crm_bridge", "replay", "--workspace", "dev",
+            "--delivery", dead["delivery_id"], stdout=asyncio.subprocess.PIPE)
+        output, _ = await replay.communicate()
+        assert replay.returncode == 0
+        assert output.decode().startswith("1 dead-lettered deliveries wait again")
+        if rig.service.worker is not None:  # the running bridge would see it within a minute
+            rig.service.worker.wake()
+        await eventually(lambda: _state(rig, client, contact_id, "delivered"))
     assert rig.receiver.ids[dead["delivery_id"]] == 1
 
 

@@ -377,7 +377,8 @@ class Stitcher:
             contact_id=key[1], occurred_at=envelope.occurred_at,
             correlation_id=envelope.correlation_id,
             data={"contact_id": key[1], "changed": {n: values[n] for n in changed},
-                  "traits": values})]
+                  "traits": values,
+                  "attribution": {"first_touch": first, "last_touch": last}})]
 
 
 def _problem(envelope: Envelope) -> str | None:

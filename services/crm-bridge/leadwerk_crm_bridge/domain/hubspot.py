@@ -23,7 +23,7 @@ FIELDS: dict[str, str | None] = {
     # Custom contact properties the portal's admin creates once (see the crm-bridge README).
     "score": "leadwerk_score", "grade": "leadwerk_grade", "rating": "leadwerk_rating",
     "first_touch.source": "leadwerk_first_touch_source",
-    "first_touch.campaign": "leadwerk_first_touch_campaign",
+    "first_touch.name": "leadwerk_first_touch_campaign",
 }
 STAGES: dict[str, str | None] = {
     "lead": "lead", "mql": "marketingqualifiedlead", "sal": "salesqualifiedlead",
