@@ -91,9 +91,15 @@ class Http:
     async def call(self, workspace: str, method: str, url: str, *,
                    headers: Mapping[str, str], content: bytes,
                    connector: Connector | None = None) -> httpx.Response | Answer:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as error:
+            return Answer(None, f"invalid URL: {error}", final=True)
+        if "Authorization" in headers and parts.scheme != "https" \
+                and workspace not in self._allow_private:
+            return Answer(None, "credentials go over https only", final=True)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM)
@@ -106,7 +112,7 @@ class Http:
                 return Answer(None, f"refused (SSRF protection): {refusals[0]}", final=True)
         netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         target = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        limit = self.limit(connector.id if connector else host, connector)
+        limit = self.limit(f"{workspace}:{connector.id}" if connector else host, connector)
         if limit is not None:
             await limit.acquire()
         try:
@@ -211,14 +217,27 @@ class HubSpotChannel:
                     learned[item.contact_id] = ids[item.contact_id] = found[email]
                 elif item.delivery_id not in failed:
                     failed[item.delivery_id] = problem
-        notes = [self._note(item, ids[item.contact_id]) for item in batch.items
-                 if item.kind in {"handoff", "activity"} and item.delivery_id not in failed
-                 and item.contact_id in ids]
-        if notes:
-            response = await call.post("/crm/v3/objects/notes/batch/create", {"inputs": notes})
-            if isinstance(response, Answer):
-                return Outcome(response, failed, learned)
-        return Outcome(Answer(200, None), failed, learned)
+        notes = [(item.delivery_id, self._note(item, ids[item.contact_id]))
+                 for item in batch.items if item.kind in {"handoff", "activity"}
+                 and item.delivery_id not in failed and item.contact_id in ids]
+        refused = await self._create_notes(call, notes, failed) if notes else None
+        return Outcome(refused or Answer(200, None), failed, learned)
+
+    @staticmethod
+    async def _create_notes(call: _Calls, notes: list[tuple[str, dict[str, Any]]],
+                            failed: dict[str, str]) -> Answer | None:
+        """The notes in one request; a 207 fails the notes it names (by trace id), or every
+        note when it names none."""
+        response = await call.post("/crm/v3/objects/notes/batch/create",
+                                   {"inputs": [n for _, n in notes]})
+        if isinstance(response, Answer):
+            return response
+        if response.get("errors"):
+            named = str(response["errors"])
+            refused = [d for d, _ in notes if d in named] or [d for d, _ in notes]
+            failed.update(dict.fromkeys(refused, "HubSpot refused the note: "
+                                        + hubspot.errors(response)))
+        return None
 
     @staticmethod
     def _note(item: Item, hubspot_id: str) -> dict[str, Any]:
@@ -361,8 +380,12 @@ class SalesforceChannel:
         document = _json(response)
         if not isinstance(document, dict) or not document.get("access_token"):
             return Answer(response.status_code, "the token answer has no access_token")
-        self._tokens[key] = (str(document["access_token"]),
-                             str(document.get("instance_url") or connector.url))
+        instance = str(document.get("instance_url") or connector.url)
+        if not _salesforce_host(instance, connector.url):
+            return Answer(response.status_code, f"refused instance_url {instance}: an https "
+                          "URL under salesforce.com or force.com (or the login host) is "
+                          "expected", final=True)
+        self._tokens[key] = (str(document["access_token"]), instance)
         return self._tokens[key]
 
     async def _api(self, batch: Batch, method: str, path: str,
@@ -384,6 +407,17 @@ class SalesforceChannel:
             if not (isinstance(response, httpx.Response) and response.status_code == 401):
                 break  # an expired token gets one fresh one
         return response
+
+
+def _salesforce_host(instance: str, login: str) -> bool:
+    """Where the token may go: Salesforce's own hosts over https, or the login host itself
+    (a sandbox or a local stand-in the workspace allowed)."""
+    parts = urlsplit(instance)
+    host = (parts.hostname or "").lower()
+    if parts.netloc == urlsplit(login).netloc:
+        return True
+    return parts.scheme == "https" and (host.endswith((".salesforce.com", ".force.com"))
+                                        or host in {"salesforce.com", "force.com"})
 
 
 def _json(response: httpx.Response) -> Any:

@@ -8,6 +8,7 @@ breaker per endpoint, and dead-letters after the budget (replayable).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import defaultdict
@@ -17,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import asyncpg
 import orjson
 
 from leadwerk_crm_bridge.channels import Answer, Batch, Channel, Item, Outcome
@@ -37,6 +39,7 @@ JOURNEY_WEBHOOK = "journey-webhook"  # the connector name of journeys' own webho
 _NAMESPACE = uuid.UUID("5c0d4e3f-2a1b-5c6d-9e8f-7a6b5c4d3e2f")
 REDACTED = b"{}"
 Connection = Any
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,10 +115,12 @@ async def replay_dead(connection: Connection, workspace: str, now: datetime, *,
                       delivery_id: str | None = None,
                       connector: str | None = None) -> list[str]:
     """Dead-lettered deliveries (one, those of a connector, or all of the workspace) wait
-    again; they form new batches (a single delivery keeps its id as the batch id)."""
+    again, behind the contact's newer deliveries; they form new batches (a single delivery
+    keeps its id as the batch id)."""
     rows = await connection.fetch(
         "UPDATE deliveries SET state = 'pending', attempts = 0, batch_id = NULL, "
-        "next_attempt_at = $2, updated_at = $2 WHERE workspace = $1 AND state = 'dead' "
+        "seq = DEFAULT, next_attempt_at = $2, updated_at = $2 "
+        "WHERE workspace = $1 AND state = 'dead' "
         "AND ($3::uuid IS NULL OR delivery_id = $3::uuid) "
         "AND ($4::text IS NULL OR connector = $4) RETURNING delivery_id::text",
         workspace, now, delivery_id, connector)
@@ -136,15 +141,21 @@ class CommandHandler:
         now = self._deps.clock()
         async with self._deps.pool.acquire() as connection, connection.transaction():
             for message in messages:
-                await self._one(connection, message.envelope, now)
+                try:
+                    await self._one(connection, message.envelope, now)
+                except (KeyError, TypeError, ValueError, AttributeError,
+                        asyncpg.DataError) as error:
+                    raise InvalidMessageError(f"{message.envelope.type}: "
+                                              f"{type(error).__name__}: {error}") from error
         if self._worker is not None:
             self._worker.wake()
 
     async def _one(self, connection: Connection, command: Envelope, now: datetime) -> None:
         data = command.data
-        contact_id = data.get("contact_id")
-        if not isinstance(contact_id, str):
-            raise InvalidMessageError(f"{command.type} without a contact id")
+        try:
+            contact_id = str(uuid.UUID(str(data.get("contact_id"))))
+        except ValueError as error:
+            raise InvalidMessageError(f"{command.type} without a contact id") from error
         fresh = await connection.fetchval(
             "INSERT INTO processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING "
             "RETURNING true", CONSUMER, command.id)
@@ -156,7 +167,9 @@ class CommandHandler:
             kind, event = "handoff", "lead.handoff"
             payload = await handoff_data(connection, command.workspace, data)
         elif command.type == "crm.webhook_requested.v1":
-            targets = [(JOURNEY_WEBHOOK, str(data["url"]))]
+            if not isinstance(data.get("url"), str):
+                raise InvalidMessageError("crm.webhook_requested.v1 without a url")
+            targets = [(JOURNEY_WEBHOOK, data["url"])]
             kind, event = "webhook", str(data.get("event") or "journey.step")
             payload = {k: v for k, v in data.items() if k != "url"}
         else:
@@ -216,7 +229,8 @@ class DeliveryWorker(DueTimer):
                     "UPDATE batches SET next_attempt_at = $3 WHERE batch_id IN (SELECT "
                     "batch_id FROM batches WHERE state = 'pending' AND next_attempt_at <= $1 "
                     "ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING "
-                    "batch_id::text AS batch_id, workspace, connector, attempts",
+                    "batch_id::text AS batch_id, workspace, connector, attempts, "
+                    "next_attempt_at AS lease",
                     now, deps.settings.parallel, lease)
             if not leased:
                 return 0
@@ -295,16 +309,25 @@ class DeliveryWorker(DueTimer):
         breaker = self._breakers[endpoint]
         wait = breaker.wait(time.monotonic())
         if wait > 0:
-            await self._postpone(batch.batch_id, deps.clock() + timedelta(seconds=wait),
+            await self._postpone(batch.batch_id, lease["lease"],
+                                 deps.clock() + timedelta(seconds=wait),
                                  f"circuit open for {endpoint}")
             deps.metrics.attempts.labels(_kind(connector), "circuit_open").inc()
             return
         started = time.monotonic()
-        outcome = await self._deliver(batch)
+        try:
+            # Within the lease: past it another process may take the batch over.
+            async with asyncio.timeout(deps.settings.request_timeout * 2.5):
+                outcome = await self._deliver(batch)
+        except TimeoutError:
+            outcome = Outcome(Answer(None, "the batch took longer than its lease"))
+        except Exception as error:
+            logger.exception("delivering batch %s failed", batch.batch_id)
+            outcome = Outcome(Answer(None, f"internal error: {type(error).__name__}",
+                                     final=True))
         deps.metrics.latency.labels(_kind(connector)).observe(time.monotonic() - started)
         answer = outcome.answer
-        broken = not answer.final and (answer.status is None or answer.status >= 500
-                                       or answer.status == 408)
+        broken = answer.status is None or answer.status >= 500 or answer.status == 408
         breaker.record(not broken, time.monotonic())
         deps.metrics.circuit_open.labels(endpoint).set(1 if breaker.is_open else 0)
         now, attempt = deps.clock(), lease["attempts"] + 1
@@ -312,7 +335,8 @@ class DeliveryWorker(DueTimer):
             answer.status, answer.error, attempt=attempt, now=now,
             retry_after_header=answer.retry_after, attempts=deps.settings.retry_attempts,
             base=deps.settings.retry_base_seconds, ceiling=deps.settings.retry_max_seconds)
-        await self._record(batch, outcome, verdict, attempt, now)
+        if not await self._record(batch, outcome, verdict, attempt, now, lease["lease"]):
+            return  # the lease ran out and another process took the batch over
         deps.metrics.attempts.labels(_kind(connector), verdict.kind).inc()
         deps.metrics.delivered.labels(_kind(connector)).inc(
             0 if verdict.kind != "delivered" else len(items) - len(outcome.failed))
@@ -326,17 +350,20 @@ class DeliveryWorker(DueTimer):
             return Outcome(Answer(None, f"no {kind} connector in this version", final=True))
         return await channel.deliver(batch)
 
-    async def _record(self, batch: Batch, outcome: Outcome, verdict: Verdict,
-                      attempt: int, now: datetime) -> None:
+    async def _record(self, batch: Batch, outcome: Outcome, verdict: Verdict,  # noqa: PLR0917
+                      attempt: int, now: datetime, lease: datetime) -> bool:
+        """The outcome, if the batch is still ours (its lease unchanged)."""
         state = {"delivered": "delivered", "retry": "pending", "dead": "dead"}[verdict.kind]
         answer = outcome.answer
         error = None if verdict.kind == "delivered" else verdict.reason
-        erased = [i for i in batch.items if i.kind == "erasure"]
+        connector = batch.connector
         async with self._deps.pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                "UPDATE batches SET state = $2, attempts = $3, next_attempt_at = "
-                "coalesce($4, next_attempt_at), updated_at = $5 WHERE batch_id = $1",
-                batch.batch_id, state, attempt, verdict.at, now)
+            if not await connection.fetchval(
+                    "UPDATE batches SET state = $2, attempts = $3, next_attempt_at = "
+                    "coalesce($4, next_attempt_at), updated_at = $5 WHERE batch_id = $1 "
+                    "AND next_attempt_at = $6 RETURNING true",
+                    batch.batch_id, state, attempt, verdict.at, now, lease):
+                return False
             await connection.execute(
                 "UPDATE deliveries SET state = $2::text, attempts = $3, next_attempt_at = $4, "
                 "last_status = $5, last_error = $6, updated_at = $7::timestamptz, "
@@ -351,30 +378,54 @@ class DeliveryWorker(DueTimer):
                     "AND state = 'pending'",
                     [(uuid.UUID(d), why, attempt, answer.status, now)
                      for d, why in outcome.failed.items()])
-            if outcome.crm_ids and batch.connector is not None:
-                await connection.executemany(
-                    "INSERT INTO crm_records (workspace, connector, contact_id, crm_id, "
-                    "updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace, "
-                    "connector, contact_id) DO UPDATE SET crm_id = $4, updated_at = $5",
-                    [(batch.workspace, batch.connector.id, c, crm, now)
-                     for c, crm in outcome.crm_ids.items()])
-            if erased and verdict.kind == "delivered" and batch.connector is not None:
-                # Passed on: what identified the person here goes too.
+            erased = {str(r["contact_id"]) for r in await connection.fetch(
+                "SELECT contact_id FROM erasures WHERE workspace = $1 "
+                "AND contact_id = ANY($2::uuid[])", batch.workspace,
+                list({i.contact_id for i in batch.items}))}
+            if connector is not None:
+                await self._records(connection, batch, outcome, erased, now)
+            if erased:  # in flight when the person was erased: nothing of them stays here
                 await connection.execute(
-                    "UPDATE deliveries SET body = $2 WHERE delivery_id = ANY($1::uuid[])",
-                    [i.delivery_id for i in erased], REDACTED)
-                await connection.execute(
-                    "DELETE FROM crm_records WHERE workspace = $1 AND connector = $2 "
-                    "AND contact_id = ANY($3::uuid[])", batch.workspace, batch.connector.id,
-                    [i.contact_id for i in erased])
+                    "UPDATE deliveries SET body = $3, last_error = NULL WHERE batch_id = $1 "
+                    "AND state <> 'pending' AND contact_id = ANY($2::uuid[])",
+                    batch.batch_id, sorted(erased), REDACTED)
+        return True
 
-    async def _postpone(self, batch_id: str, at: datetime, why: str) -> None:
+    @staticmethod
+    async def _records(connection: Connection, batch: Batch, outcome: Outcome,
+                       erased: set[str], now: datetime) -> None:
+        """The CRM ids learned (kept for an erased contact only until the CRM erases it
+        too); after a delivered erasure, the contact's ids and deliveries are forgotten."""
+        connector = batch.connector
+        assert connector is not None  # noqa: S101
+        erasing = "erasure" in connector.events
+        learned = [(batch.workspace, connector.id, c, crm, now)
+                   for c, crm in outcome.crm_ids.items() if c not in erased or erasing]
+        if learned:
+            await connection.executemany(
+                "INSERT INTO crm_records (workspace, connector, contact_id, crm_id, "
+                "updated_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace, "
+                "connector, contact_id) DO UPDATE SET crm_id = $4, updated_at = $5", learned)
+        done = [i.contact_id for i in batch.items if i.kind == "erasure"
+                and i.delivery_id not in outcome.failed]
+        if done and outcome.answer.status is not None and outcome.answer.status < 300:
+            await connection.execute(
+                "UPDATE deliveries SET body = $4, last_error = NULL WHERE workspace = $1 "
+                "AND connector = $2 AND contact_id = ANY($3::uuid[])",
+                batch.workspace, connector.id, done, REDACTED)
+            await connection.execute(
+                "DELETE FROM crm_records WHERE workspace = $1 AND connector = $2 "
+                "AND contact_id = ANY($3::uuid[])", batch.workspace, connector.id, done)
+
+    async def _postpone(self, batch_id: str, lease: datetime, at: datetime,
+                        why: str) -> None:
         async with self._deps.pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                "UPDATE batches SET next_attempt_at = $2 WHERE batch_id = $1", batch_id, at)
-            await connection.execute(
-                "UPDATE deliveries SET next_attempt_at = $2, last_error = $3 "
-                "WHERE batch_id = $1 AND state = 'pending'", batch_id, at, why)
+            if await connection.fetchval(
+                    "UPDATE batches SET next_attempt_at = $3 WHERE batch_id = $1 "
+                    "AND next_attempt_at = $2 RETURNING true", batch_id, lease, at):
+                await connection.execute(
+                    "UPDATE deliveries SET next_attempt_at = $2, last_error = $3 "
+                    "WHERE batch_id = $1 AND state = 'pending'", batch_id, at, why)
 
     async def _close(self, batch_id: str, state: str) -> None:
         async with self._deps.pool.acquire() as connection:

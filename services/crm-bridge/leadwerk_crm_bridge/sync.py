@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import orjson
 
 from leadwerk_crm_bridge.config import Kind
@@ -32,6 +33,14 @@ CONSUMER = "sync"
 TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq"}
 Connection = Any
 _ERASURE = uuid.UUID("3e1f0c2a-7d4b-5e6f-9a8b-1c2d3e4f5a6b")
+
+
+def _uuid(value: Any, what: str) -> str:
+    """A well-formed id, or the message is invalid (dead-lettered)."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError as error:
+        raise InvalidMessageError(f"{what} is not a uuid: {value!r}") from error
 
 
 def _jsonb(value: Any) -> str:
@@ -68,13 +77,19 @@ class SyncHandler:
     async def batch(self, messages: Sequence[ConsumedMessage]) -> None:
         state = _Batch()
         async with self._deps.pool.acquire() as connection, connection.transaction():
-            fresh = {str(r["event_id"]) for r in await connection.fetch(
+            fresh = {r["event_id"] for r in await connection.fetch(
                 "INSERT INTO processed (consumer, event_id) SELECT $1, unnest($2::uuid[]) "
                 "ON CONFLICT DO NOTHING RETURNING event_id", CONSUMER,
-                [m.envelope.id for m in messages])}
+                [_uuid(m.envelope.id, "the event id") for m in messages])}
             for message in messages:
-                if message.envelope.id in fresh:
-                    await self._one(connection, message.envelope, state)
+                if uuid.UUID(message.envelope.id) in fresh:
+                    try:
+                        await self._one(connection, message.envelope, state)
+                    except (KeyError, TypeError, ValueError, AttributeError,
+                            asyncpg.DataError) as error:
+                        raise InvalidMessageError(
+                            f"{message.envelope.type}: {type(error).__name__}: {error}",
+                        ) from error
             await state.flush(connection)
         if state.queued and self._worker is not None:
             self._worker.wake()
@@ -83,8 +98,7 @@ class SyncHandler:
         data = envelope.data
         contact_id = data.get("survivor_id") if envelope.type == "contact.merged.v1" \
             else data.get("contact_id")
-        if not isinstance(contact_id, str):
-            raise InvalidMessageError(f"{envelope.type} without a contact id")
+        contact_id = _uuid(contact_id, "the contact id")
         if envelope.type == "contact.activity.v1":
             await self._activity(connection, envelope, state)
             return
@@ -132,7 +146,8 @@ class SyncHandler:
                     connection, envelope, "lifecycle", "contact.stage_changed",
                     {k: data.get(k) for k in ("from_stage", "to_stage", "cause", "reason")})
             case "contact.merged.v1":
-                await self._merged(connection, workspace, contact_id, str(data["merged_id"]))
+                await self._merged(connection, workspace, contact_id,
+                                   _uuid(data.get("merged_id"), "merged_id"))
             case "contact.erased.v1":
                 return await self._erased(connection, envelope)
         return 0
@@ -197,7 +212,14 @@ class SyncHandler:
             "SELECT workspace, connector, $2, crm_id, updated_at FROM crm_records "
             "WHERE workspace = $1 AND contact_id = $3 ON CONFLICT DO NOTHING",
             workspace, survivor, merged)
-        for table in ("recent_activities", "crm_records", "contacts"):
+        # A record the survivor took over goes; one it could not (it has its own in that
+        # CRM) stays with the merged id, so an erasure can still reach it.
+        await connection.execute(
+            "DELETE FROM crm_records m WHERE workspace = $1 AND contact_id = $3 AND EXISTS ("
+            "SELECT 1 FROM crm_records s WHERE s.workspace = m.workspace AND s.connector = "
+            "m.connector AND s.contact_id = $2 AND s.crm_id = m.crm_id)",
+            workspace, survivor, merged)
+        for table in ("recent_activities", "contacts"):
             await connection.execute(
                 f"DELETE FROM {table} WHERE workspace = $1 AND contact_id = $2",  # noqa: S608
                 workspace, merged)
@@ -206,15 +228,24 @@ class SyncHandler:
         """Erasure: nothing more goes out about the person, what we keep is redacted, and
         each CRM that syncs erasures is asked to erase them too."""
         workspace = envelope.workspace
-        ids = [str(envelope.data["contact_id"]),
-               *(str(m) for m in envelope.data.get("merged_ids") or [])]
+        merged = envelope.data.get("merged_ids") or []
+        if not isinstance(merged, list):
+            raise InvalidMessageError("merged_ids is a list")
+        ids = [_uuid(envelope.data["contact_id"], "the contact id"),
+               *(_uuid(m, "a merged id") for m in merged)]
         emails = await connection.fetch(
             "SELECT contact_id::text AS contact_id, traits->>'email' AS email FROM contacts "
             "WHERE workspace = $1 AND contact_id = ANY($2::uuid[])", workspace, ids)
+        await connection.executemany(
+            "INSERT INTO erasures (workspace, contact_id, erased_at) VALUES ($1, $2, $3) "
+            "ON CONFLICT DO NOTHING", [(workspace, c, envelope.occurred_at) for c in ids])
+        # Waiting and dead deliveries are cancelled, all are redacted; what is in flight
+        # finishes (the erasure queues behind it) and is redacted when it does.
         await connection.execute(
-            "UPDATE deliveries SET state = CASE WHEN state = 'pending' THEN 'cancelled' "
-            "ELSE state END, body = $3 WHERE workspace = $1 AND contact_id = ANY($2::uuid[]) "
-            "AND kind <> 'erasure'", workspace, ids, REDACTED)
+            "UPDATE deliveries SET state = CASE WHEN state IN ('pending', 'dead') "
+            "THEN 'cancelled' ELSE state END, body = $3, last_error = NULL "
+            "WHERE workspace = $1 AND contact_id = ANY($2::uuid[]) AND kind <> 'erasure' "
+            "AND NOT (state = 'pending' AND batch_id IS NOT NULL)", workspace, ids, REDACTED)
         erasing = {c.id for c in self._deps.config.targets(workspace, "erasure")}
         await connection.execute(
             "DELETE FROM crm_records WHERE workspace = $1 AND contact_id = ANY($2::uuid[]) "

@@ -640,3 +640,16 @@ async def test_salesforce_gets_a_lead_tasks_and_the_erasure(rig: Rig) -> None:
                                              "Leadwerk hand-off: became MQL"]
     assert "Recent activity: downloaded pricing.pdf" in tasks[1]["Description"]
     assert rig.salesforce.deleted == [contact_id]
+
+
+async def test_a_malformed_contact_event_is_dead_lettered_and_the_rest_goes_on(
+        rig: Rig) -> None:
+    broken = await rig.publish("contact-events", "contact.merged.v1", {
+        "survivor_id": str(uuid.uuid4()), "merged_id": "not-a-contact", "reason": "device",
+        "actor": "stitcher"})
+    email = f"erik.{uuid.uuid4().hex[:8]}@schmidt.example"
+    await _known_contact(rig, email)  # the consumer went on
+    dead = [e for e in values(await read_topic(
+        rig.settings.kafka_bootstrap_servers, rig.settings.topic("contact-events-dlq"), 1,
+        timeout=10)) if e["id"] == broken.id]
+    assert len(dead) == 1

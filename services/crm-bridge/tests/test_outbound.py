@@ -23,6 +23,7 @@ NOW = datetime(2026, 11, 21, 10, tzinfo=UTC)
     ("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("192.168.0.10", "private"),
     ("172.16.5.4", "private"), ("169.254.169.254", "link-local"), ("::1", "loopback"),
     ("fe80::1", "link-local"), ("::ffff:10.0.0.1", "private"), ("0.0.0.0", "unspecified"),  # noqa: S104
+    ("100.64.1.2", "non-global"), ("2002:a00:1::", "private"), ("64:ff9b::a00:1", "private"),
     ("93.184.215.14", None), ("2606:4700:4700::1111", None),
 ])
 def test_private_loopback_and_link_local_addresses_are_refused(address: str,

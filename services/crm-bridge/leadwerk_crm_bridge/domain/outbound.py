@@ -17,16 +17,25 @@ from standardwebhooks.webhooks import Webhook
 
 
 def forbidden(address: str) -> str | None:
-    """Why an IP address must not be called from here (SSRF), or ``None`` when it may."""
+    """Why an IP address must not be called from here (SSRF), or ``None`` when it may: only
+    globally routable addresses may (IPv4 inside IPv6 — mapped, 6to4, NAT64 — checked too)."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            ip = embedded
     for name, test in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
                        ("unspecified", ip.is_unspecified), ("multicast", ip.is_multicast),
-                       ("reserved", ip.is_reserved), ("private", ip.is_private)):
+                       ("reserved", ip.is_reserved), ("private", ip.is_private),
+                       ("non-global", not ip.is_global)):
         if test:
             return f"{address} is a {name} address"
     return None
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,7 @@ CREATE TABLE batches (
     updated_at timestamptz NOT NULL
 );
 CREATE INDEX batches_due ON batches (next_attempt_at) WHERE state = 'pending';
-INSERT INTO batches (batch_id, workspace, connector, state, attempts, next_attempt_at,
-                     created_at, updated_at)
-SELECT delivery_id, workspace, connector, 'pending', attempts, next_attempt_at, created_at,
-       updated_at FROM deliveries WHERE state = 'pending';
-UPDATE deliveries SET batch_id = delivery_id WHERE state = 'pending';
+-- Deliveries waiting from before form batches like new ones (in order, per contact).
 
 -- The contacts the CRM sees (known ones), as scoring last described them.
 CREATE TABLE contacts (
@@ -77,6 +73,14 @@ CREATE TABLE crm_records (
     PRIMARY KEY (workspace, connector, contact_id)
 );
 CREATE INDEX crm_records_reverse ON crm_records (workspace, connector, crm_id);
+
+-- Contacts erased: what was in flight at the erasure is redacted when it finishes.
+CREATE TABLE erasures (
+    workspace text NOT NULL,
+    contact_id uuid NOT NULL,
+    erased_at timestamptz NOT NULL,
+    PRIMARY KEY (workspace, contact_id)
+);
 """
 
 
@@ -85,7 +89,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TABLE crm_records, recent_activities, contacts, batches")
+    op.execute("DROP TABLE erasures, crm_records, recent_activities, contacts, batches")
     op.execute("DROP INDEX deliveries_unbatched, deliveries_batch, deliveries_contact")
     op.execute("ALTER TABLE deliveries DROP COLUMN kind, DROP COLUMN batch_id, DROP COLUMN seq")
     op.execute("CREATE INDEX deliveries_due ON deliveries (next_attempt_at) "
