@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from leadwerk_crm_bridge.inbound import (
     receive_hubspot,
 )
 from leadwerk_crm_bridge.metrics import BridgeMetrics
+from leadwerk_crm_bridge.projection import forget_old_activities
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.admin import AdminGuard, Workspace
 from leadwerk_platform.database import create_pool, reachable
@@ -51,6 +53,8 @@ from leadwerk_platform.outbox import OutboxRelay
 
 SCHEMA = "crm_bridge"
 MAX_INBOUND_BYTES = 256 * 1024
+PRUNE_SECONDS = 3600.0
+logger = logging.getLogger(__name__)
 
 
 def utcnow() -> datetime:
@@ -102,7 +106,19 @@ class Bridge:
                             dead_letter_publisher=self.publisher)]
         self._tasks = [*(asyncio.create_task(c.run()) for c in self.consumers),
                        asyncio.create_task(self.worker.run()),
-                       asyncio.create_task(self.relay.sweep())]
+                       asyncio.create_task(self.relay.sweep()),
+                       asyncio.create_task(self._prune())]
+
+    async def _prune(self) -> None:
+        """Activities older than 90 days leave the projection, hourly."""
+        while True:
+            if self.deps is not None:
+                try:
+                    async with self.deps.pool.acquire() as connection:
+                        await forget_old_activities(connection, self.clock())
+                except (OSError, asyncpg.PostgresError):
+                    logger.exception("pruning old activities failed; trying again later")
+            await asyncio.sleep(PRUNE_SECONDS)
 
     async def stop(self) -> None:
         for consumer in self.consumers:

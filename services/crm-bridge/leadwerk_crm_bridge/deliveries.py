@@ -8,11 +8,12 @@ breaker per endpoint, and dead-letters after the budget (replayable).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -67,6 +68,27 @@ class Deps:
                                                            "client_secret"]) -> str | None:
         variable = connector.secrets.get(name)
         return self.environ.get(variable) if variable else None
+
+
+def valid_uuid(value: Any, what: str) -> str:
+    """A well-formed id in canonical form, or the message is invalid (dead-lettered)."""
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError as error:
+        raise InvalidMessageError(f"{what} is not a uuid: {value!r}") from error
+
+
+@contextlib.contextmanager
+def malformed_is_invalid(envelope: Envelope) -> Iterator[None]:
+    """A message whose fields have the wrong shape (or that the database refuses as data)
+    is dead-lettered, not retried until the consumer gives up."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError, asyncpg.DataError) as error:
+        if isinstance(error, InvalidMessageError):
+            raise
+        raise InvalidMessageError(f"{envelope.type}: {type(error).__name__}: {error}",
+                                  ) from error
 
 
 def event_body(event: str, at: datetime, data: dict[str, Any]) -> bytes:
@@ -141,21 +163,14 @@ class CommandHandler:
         now = self._deps.clock()
         async with self._deps.pool.acquire() as connection, connection.transaction():
             for message in messages:
-                try:
+                with malformed_is_invalid(message.envelope):
                     await self._one(connection, message.envelope, now)
-                except (KeyError, TypeError, ValueError, AttributeError,
-                        asyncpg.DataError) as error:
-                    raise InvalidMessageError(f"{message.envelope.type}: "
-                                              f"{type(error).__name__}: {error}") from error
         if self._worker is not None:
             self._worker.wake()
 
     async def _one(self, connection: Connection, command: Envelope, now: datetime) -> None:
         data = command.data
-        try:
-            contact_id = str(uuid.UUID(str(data.get("contact_id"))))
-        except ValueError as error:
-            raise InvalidMessageError(f"{command.type} without a contact id") from error
+        contact_id = valid_uuid(data.get("contact_id"), f"{command.type}'s contact id")
         fresh = await connection.fetchval(
             "INSERT INTO processed (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING "
             "RETURNING true", CONSUMER, command.id)
@@ -165,7 +180,7 @@ class CommandHandler:
             targets = [(c.id, c.url) for c in self._deps.config.targets(command.workspace,
                                                                           "handoff")]
             kind, event = "handoff", "lead.handoff"
-            payload = await handoff_data(connection, command.workspace, data)
+            payload = await handoff_data(connection, command.workspace, data, now)
         elif command.type == "crm.webhook_requested.v1":
             if not isinstance(data.get("url"), str):
                 raise InvalidMessageError("crm.webhook_requested.v1 without a url")
@@ -180,8 +195,8 @@ class CommandHandler:
         self._deps.metrics.queued.labels(kind).inc(queued)
 
 
-async def handoff_data(connection: Connection, workspace: str,
-                       data: dict[str, Any]) -> dict[str, Any]:
+async def handoff_data(connection: Connection, workspace: str, data: dict[str, Any],
+                       now: datetime) -> dict[str, Any]:
     """The hand-off as sales gets it: the command, the contact as the bridge knows it
     (the journey's snapshot filling gaps), and a summary of the recent activity."""
     contact = await contact_document(connection, workspace, data["contact_id"])
@@ -192,7 +207,7 @@ async def handoff_data(connection: Connection, workspace: str,
     contact["traits"] = {**(snapshot.get("traits") or {}), **contact.get("traits", {})}
     if data.get("owner"):
         contact["owner"] = data["owner"]
-    labels, summary = await recent_summary(connection, workspace, data["contact_id"])
+    labels, summary = await recent_summary(connection, workspace, data["contact_id"], now)
     return {**data, "contact": contact, "summary": summary, "recent_activity": labels}
 
 
@@ -342,7 +357,7 @@ class DeliveryWorker(DueTimer):
             0 if verdict.kind != "delivered" else len(items) - len(outcome.failed))
 
     async def _deliver(self, batch: Batch) -> Outcome:
-        kind = batch.connector.kind if batch.connector is not None else "webhook"
+        kind = _kind(batch.connector)
         if batch.connector is None and batch.items[0].kind != "webhook":
             return Outcome(Answer(None, "the connector is no longer configured", final=True))
         channel = self._channels.get(kind)

@@ -37,19 +37,20 @@ async def contact_document(connection: Connection, workspace: str,
     return {k: v for k, v in document.items() if v is not None}
 
 
-async def recent_summary(connection: Connection, workspace: str,
-                         contact_id: str) -> tuple[list[dict[str, Any]], str]:
-    """The contact's recent activities (newest first) and their summary in words."""
+async def recent_summary(connection: Connection, workspace: str, contact_id: str,
+                         now: datetime) -> tuple[list[dict[str, Any]], str]:
+    """The contact's activities of the last 90 days (newest first) and their summary in
+    words."""
     rows = await connection.fetch(
         "SELECT occurred_at, label FROM recent_activities WHERE workspace = $1 "
-        "AND contact_id = $2 ORDER BY occurred_at DESC LIMIT $3",
-        workspace, contact_id, RECENT_LIMIT)
+        "AND contact_id = $2 AND occurred_at >= $4 ORDER BY occurred_at DESC LIMIT $3",
+        workspace, contact_id, RECENT_LIMIT, now - RECENT)
     labels = [{"at": r["occurred_at"].isoformat(), "label": r["label"]} for r in rows]
     return labels, summary(r["label"] for r in rows)
 
 
 async def forget_old_activities(connection: Connection, now: datetime) -> int:
-    """Activities older than 90 days leave the summary (run now and then)."""
+    """Activities older than 90 days go (the bridge runs this hourly)."""
     result: str = await connection.execute(
         "DELETE FROM recent_activities WHERE occurred_at < $1", now - RECENT)
     return int(result.rsplit(maxsplit=1)[-1])

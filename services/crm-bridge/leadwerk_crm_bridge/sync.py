@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import orjson
 
 from leadwerk_crm_bridge.config import Kind
@@ -23,6 +22,8 @@ from leadwerk_crm_bridge.deliveries import (
     enqueue,
     event_body,
     insert_deliveries,
+    malformed_is_invalid,
+    valid_uuid,
 )
 from leadwerk_crm_bridge.domain.sync import activity_view, label_for
 from leadwerk_crm_bridge.projection import contact_document
@@ -33,14 +34,6 @@ CONSUMER = "sync"
 TOPICS = {"contact-events": "contact-events-dlq", "contact-changes": "contact-changes-dlq"}
 Connection = Any
 _ERASURE = uuid.UUID("3e1f0c2a-7d4b-5e6f-9a8b-1c2d3e4f5a6b")
-
-
-def _uuid(value: Any, what: str) -> str:
-    """A well-formed id, or the message is invalid (dead-lettered)."""
-    try:
-        return str(uuid.UUID(str(value)))
-    except ValueError as error:
-        raise InvalidMessageError(f"{what} is not a uuid: {value!r}") from error
 
 
 def _jsonb(value: Any) -> str:
@@ -80,16 +73,11 @@ class SyncHandler:
             fresh = {r["event_id"] for r in await connection.fetch(
                 "INSERT INTO processed (consumer, event_id) SELECT $1, unnest($2::uuid[]) "
                 "ON CONFLICT DO NOTHING RETURNING event_id", CONSUMER,
-                [_uuid(m.envelope.id, "the event id") for m in messages])}
+                [valid_uuid(m.envelope.id, "the event id") for m in messages])}
             for message in messages:
                 if uuid.UUID(message.envelope.id) in fresh:
-                    try:
+                    with malformed_is_invalid(message.envelope):
                         await self._one(connection, message.envelope, state)
-                    except (KeyError, TypeError, ValueError, AttributeError,
-                            asyncpg.DataError) as error:
-                        raise InvalidMessageError(
-                            f"{message.envelope.type}: {type(error).__name__}: {error}",
-                        ) from error
             await state.flush(connection)
         if state.queued and self._worker is not None:
             self._worker.wake()
@@ -98,7 +86,7 @@ class SyncHandler:
         data = envelope.data
         contact_id = data.get("survivor_id") if envelope.type == "contact.merged.v1" \
             else data.get("contact_id")
-        contact_id = _uuid(contact_id, "the contact id")
+        contact_id = valid_uuid(contact_id, "the contact id")
         if envelope.type == "contact.activity.v1":
             await self._activity(connection, envelope, state)
             return
@@ -147,7 +135,7 @@ class SyncHandler:
                     {k: data.get(k) for k in ("from_stage", "to_stage", "cause", "reason")})
             case "contact.merged.v1":
                 await self._merged(connection, workspace, contact_id,
-                                   _uuid(data.get("merged_id"), "merged_id"))
+                                   valid_uuid(data.get("merged_id"), "merged_id"))
             case "contact.erased.v1":
                 return await self._erased(connection, envelope)
         return 0
@@ -231,8 +219,8 @@ class SyncHandler:
         merged = envelope.data.get("merged_ids") or []
         if not isinstance(merged, list):
             raise InvalidMessageError("merged_ids is a list")
-        ids = [_uuid(envelope.data["contact_id"], "the contact id"),
-               *(_uuid(m, "a merged id") for m in merged)]
+        ids = [valid_uuid(envelope.data["contact_id"], "the contact id"),
+               *(valid_uuid(m, "a merged id") for m in merged)]
         emails = await connection.fetch(
             "SELECT contact_id::text AS contact_id, traits->>'email' AS email FROM contacts "
             "WHERE workspace = $1 AND contact_id = ANY($2::uuid[])", workspace, ids)

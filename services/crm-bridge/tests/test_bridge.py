@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from leadwerk_crm_bridge.api import Bridge, create_app
 from leadwerk_crm_bridge.domain.outbound import development_secret
+from leadwerk_crm_bridge.projection import forget_old_activities, recent_summary
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.kafka.topics import provision_topics
@@ -653,3 +654,25 @@ async def test_a_malformed_contact_event_is_dead_lettered_and_the_rest_goes_on(
         rig.settings.kafka_bootstrap_servers, rig.settings.topic("contact-events-dlq"), 1,
         timeout=10)) if e["id"] == broken.id]
     assert len(dead) == 1
+
+
+async def test_the_summary_reaches_back_90_days_and_older_activities_are_pruned(
+        rig: Rig) -> None:
+    contact_id, now = str(uuid.uuid4()), datetime.now(UTC)
+    connection = await asyncpg.connect(rig.settings.database_url.get_secret_value()
+                                       if rig.settings.database_url else "",
+                                       server_settings={"search_path": "crm_bridge"})
+    try:
+        await connection.executemany(
+            "INSERT INTO recent_activities (workspace, contact_id, event_id, occurred_at, "
+            "label) VALUES ('dev', $1, $2, $3, $4)",
+            [(contact_id, uuid.uuid4(), now - timedelta(days=days), label)
+             for days, label in ((1, "watched the demo video"), (100, "read an old post"))])
+        _, summary = await recent_summary(connection, "dev", contact_id, now)
+        assert summary == "watched the demo video"
+        assert await forget_old_activities(connection, now) >= 1
+        left = await connection.fetchval(
+            "SELECT count(*) FROM recent_activities WHERE contact_id = $1", contact_id)
+    finally:
+        await connection.close()
+    assert left == 1
