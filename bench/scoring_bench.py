@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import summary  # noqa: E402
 from bench.ingest_bench import bench_config_dir, machine_facts  # noqa: E402
 from bench.loadgen import Connection  # noqa: E402
 from leadwerk_platform.embedded import EmbeddedBroker, EmbeddedPostgres, free_port  # noqa: E402
@@ -354,6 +355,17 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return results
 
 
+def headline(results: dict[str, Any]) -> list[summary.Figure]:
+    together, p99 = results["together_events_s"], results["latency"]["p99_ms"]
+    return [
+        summary.Figure("stitcher + scorer in one process", together, "events/s",
+               f"≥ {THROUGHPUT_TARGET:,.0f} events/s", together >= THROUGHPUT_TARGET,
+               "bare aiokafka consume + commit loop", results["baseline_events_s"]),
+        summary.Figure(f"p99 ingest → score published at {results['latency']['sent_per_s']:,.0f} "
+               "events/s", p99, "ms", f"< {P99_TARGET_MS:,.0f} ms", p99 < P99_TARGET_MS),
+    ]
+
+
 def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     facts = machine_facts()
     base = results["baseline_events_s"]
@@ -414,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = render(results, args)
+    summary.record("scoring", headline(results), machine_facts())
     DOC.write_text(text)
     print(text)
     return 0

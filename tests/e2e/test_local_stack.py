@@ -8,69 +8,26 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from segment.analytics.client import Client as SegmentClient
 
-from leadwerk_platform.embedded import free_port
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN
 from leadwerk_platform.testing.helpers import read_topic, values
+from leadwerk_platform.testing.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, int, Path, int]]:
-    kafka_port, ingest_port, scoring_port = free_port(), free_port(), free_port()
-    mailer_port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LEADWERK_", "KAFKA_", "DATABASE_"))}
-    env.update({"LEADWERK_STATE_DIR": str(tmp_path / "state"),
-                "LEADWERK_EMBEDDED_KAFKA_PORT": str(kafka_port),
-                "LEADWERK_INGEST_PORT": str(ingest_port),
-                "LEADWERK_SCORING_PORT": str(scoring_port),
-                "LEADWERK_WORKFLOW_PORT": str(free_port()),
-                "LEADWERK_MAILER_PORT": str(mailer_port),
-                "LEADWERK_MAIL_CATCHER_PORT": str(free_port()),
-                "LEADWERK_CRM_BRIDGE_PORT": str(free_port())})
-    log = tmp_path / "stack.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "leadwerk_platform.devstack"],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield process, kafka_port, ingest_port, scoring_port, log, mailer_port
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("stack not ready:\n" + log.read_text())
-
-
 async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all(
-        stack: tuple[subprocess.Popen[bytes], int, int, int, Path, int]) -> None:
-    process, kafka_port, ingest_port, scoring_port, log, mailer_port = stack
-    url = f"http://127.0.0.1:{ingest_port}"
-    scoring = f"http://127.0.0.1:{scoring_port}"
-    await asyncio.to_thread(wait_ready, url, process, log)
-    await asyncio.to_thread(wait_ready, scoring, process, log)
+        local_stack: LocalStack) -> None:
+    process, kafka_port, log = local_stack.process, local_stack.kafka_port, local_stack.log
+    ingest_port, scoring_port = local_stack.ports["ingest"], local_stack.ports["scoring"]
+    url, scoring = local_stack.url("ingest"), local_stack.url("scoring")
+    await asyncio.to_thread(local_stack.wait_ready, "ingest", "scoring")
     curl = shutil.which("curl")
     body = '{"userId": "u-1", "event": "Demo Video Watched", "properties": {"video": "demo"}}'
     if curl:  # the README's example, verbatim apart from the port
@@ -106,8 +63,8 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
             await asyncio.sleep(0.2)
     # The mailer (its own process) sends a test through the local mail catcher, and the
     # mailbox command lists it.
-    mailer = f"http://127.0.0.1:{mailer_port}"
-    await asyncio.to_thread(wait_ready, mailer, process, log)
+    mailer = local_stack.url("mailer")
+    await asyncio.to_thread(local_stack.wait_ready, "mailer")
     async with httpx.AsyncClient(base_url=mailer, headers={
             "Authorization": f"Bearer {DEVELOPMENT_ADMIN_TOKEN}"}) as client:
         sent = await client.post("/api/templates/welcome/test",
@@ -115,7 +72,7 @@ async def test_readme_curl_and_segment_sdk_reach_the_topic_then_ctrl_c_stops_all
         assert sent.json()["outcome"] == "sent", sent.text
     listed = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "leadwerk_platform.mailbox", stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "LEADWERK_STATE_DIR": str(log.parent / "state")})
+        env={**os.environ, "LEADWERK_STATE_DIR": str(local_stack.state)})
     mailbox, _ = await asyncio.wait_for(listed.communicate(), 30)
     assert "newcomer@example.de  [Test] Willkommen, Anna!" in mailbox.decode()
     text = log.read_text()

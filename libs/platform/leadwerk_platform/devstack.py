@@ -88,9 +88,15 @@ class Stack:
 
     def start_services(self, services: list[ServiceSpec]) -> None:
         width = max(len(s.name) for s in services)
+        ports = {s.name: self.env.get(s.port_variable, str(s.default_port)) for s in services}
+        # Where the services find each other when a port variable moved one of them.
+        if "ingest" in ports:
+            self.env.setdefault("LEADWERK_INGEST_PUBLIC_URL",
+                                f"http://127.0.0.1:{ports['ingest']}")
+        if "mailer" in ports:
+            self.env.setdefault("LEADWERK_MAILER_URL", f"http://127.0.0.1:{ports['mailer']}")
         for service in services:
-            env = {**self.env, service.port_variable:
-                   self.env.get(service.port_variable, str(service.default_port))}
+            env = {**self.env, service.port_variable: ports[service.name]}
             process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", service.module], env=env,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

@@ -25,7 +25,7 @@ class _Keep:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd's hook name
         del server, session
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")  # sorts in arrival order
         path = self._folder / f"{stamp}-{uuid.uuid4().hex[:8]}.eml"
         path.write_bytes(envelope.original_content or envelope.content)
         return "250 2.0.0 Ok: kept as " + path.name

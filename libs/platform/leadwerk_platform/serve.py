@@ -25,7 +25,7 @@ def serve(app: ASGIApp, settings: PlatformSettings, *, service: str, port: int,
 def tune_garbage_collector() -> None:
     """Move everything built at start-up out of the collector's sight and collect young objects
     less often: full collections of a large heap paused request handling for 28 to 57 ms in the
-    ingest benchmark (docs/benchmarks.md). Reference cycles are still collected."""
+    ingest benchmark (docs/benchmarks-ingest.md). Reference cycles are still collected."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -54,20 +54,24 @@ class Deps:
     environ: dict[str, str] = field(default_factory=dict)
 
     def secrets(self, purpose: Literal["outbound", "inbound"]) -> list[str]:
-        """The ``whsec_`` secrets that sign what we send (``outbound``) or verify what CRMs
-        send us (``inbound``); outside production, one derived from the platform key when
-        none is configured."""
-        setting = self.settings.webhook_secrets if purpose == "outbound" \
-            else self.settings.inbound_secrets
-        configured = setting.get_secret_value().split()
-        if configured or self.settings.environment is Environment.PRODUCTION:
-            return configured
-        return [development_secret(self.settings.secret_key.get_secret_value(), purpose)]
+        return webhook_secrets(self.settings, purpose)
 
     def secret(self, connector: Connector, name: Literal["token", "client_id",
                                                            "client_secret"]) -> str | None:
         variable = connector.secrets.get(name)
         return self.environ.get(variable) if variable else None
+
+
+def webhook_secrets(settings: BridgeSettings,
+                    purpose: Literal["outbound", "inbound"]) -> list[str]:
+    """The ``whsec_`` secrets that sign what we send (``outbound``) or verify what CRMs send
+    us (``inbound``); outside production, one derived from the platform key when none is
+    configured."""
+    setting = settings.webhook_secrets if purpose == "outbound" else settings.inbound_secrets
+    configured = setting.get_secret_value().split()
+    if configured or settings.environment is Environment.PRODUCTION:
+        return configured
+    return [development_secret(settings.secret_key.get_secret_value(), purpose)]
 
 
 def valid_uuid(value: Any, what: str) -> str:

@@ -131,6 +131,9 @@ def test_lifecycle_transitions(model: ScoringModel) -> None:
                                                                       "identified")
     assert lifecycle.on_score("lead", 120, full, model).to_stage == "mql"  # type: ignore[union-attr]
     assert lifecycle.on_score("lead", 120, {"email": "a@x.de"}, model) is None  # data missing
+    # 100 points earned over a few minutes have decayed a hair below 100: still shown as 100.
+    assert lifecycle.on_score("lead", 99.9999, full, model) is not None
+    assert lifecycle.on_score("lead", 99.99, full, model) is None
     assert lifecycle.on_score("mql", 60, full, model) is None  # hysteresis band
     downgrade = lifecycle.on_score("mql", 40, full, model)
     assert downgrade is not None

@@ -46,9 +46,11 @@ def on_identified(stage: str) -> Transition | None:
 def on_score(stage: str, score: float, traits: Mapping[str, Any],
              model: ScoringModel) -> Transition | None:
     """MQL when the score reaches the threshold with the required traits; back to lead when it
-    has decayed below the lower threshold."""
+    has decayed below the lower threshold. The score reaches the threshold when it does as
+    shown (two decimals, like the API and the bands): 100 points earned a second apart have
+    decayed to 99.9999 by the last event, and a lead showing 100 is an MQL."""
     mql = model.lifecycle.mql
-    if stage in {"lead", "recycled"} and score >= mql.score_at_least and all(
+    if stage in {"lead", "recycled"} and round(score, 2) >= mql.score_at_least and all(
             has_trait(traits, name) for name in mql.required_traits):
         return Transition(stage, "mql", "score")
     if stage == "mql" and score < mql.downgrade_below:
