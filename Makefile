@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTHON ?= python3
 
-.PHONY: help setup run demo test test-fast lint format bench bench-scoring browser promtool clean
+.PHONY: help setup run demo test test-fast lint format bench bench-scoring browser promtool deploy-check image clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -69,6 +69,13 @@ bench: setup  ## every benchmark against its same-run baseline; writes docs/benc
 
 bench-scoring: setup  ## only the stitcher/scorer benchmark (docs/benchmarks-scoring.md)
 	@$(UV) run --no-sync python -m bench.scoring_bench
+
+deploy-check: setup  ## render every Kubernetes overlay and validate it offline (needs kubectl)
+	@$(UV) run --no-sync python -m leadwerk_platform.deploy --check
+	@$(UV) run --no-sync pytest -q tests/deploy libs/platform/tests/test_deploy.py
+
+image:  ## build the container image (needs a Docker engine): one image, the command picks the service
+	docker build -t leadwerk:dev .
 
 clean:  ## remove local state (embedded Postgres data) and caches
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
