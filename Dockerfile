@@ -48,14 +48,13 @@ RUN groupadd --system --gid 10001 leadwerk \
       --shell /usr/sbin/nologin leadwerk
 # Installed packages find config/ and schemas/ through these variables (the default is the
 # checkout, which an image does not have). Everything that writes goes to /tmp, the only
-# writable path in the pod (an emptyDir): faust's data directory included.
+# writable path in the pod (an emptyDir): faust's data folder included (kafka/streams.py).
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     LEADWERK_CONFIG_DIR=/app/config \
-    LEADWERK_SCHEMAS_DIR=/app/schemas \
-    FAUST_DATADIR=/tmp/{conf.name}-data
+    LEADWERK_SCHEMAS_DIR=/app/schemas
 WORKDIR /app
 COPY --from=build /app/.venv /app/.venv
 COPY config/ /app/config/

@@ -48,7 +48,7 @@ from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import Publisher
-from leadwerk_platform.metrics import metrics_router, new_registry
+from leadwerk_platform.metrics import HttpMetricsMiddleware, metrics_router, new_registry
 from leadwerk_platform.outbox import OutboxRelay
 
 SCHEMA = "crm_bridge"
@@ -100,10 +100,12 @@ class Bridge:
         self.consumers = [
             ConsumerRuntime(settings, group_id=f"{prefix}crm-bridge.deliveries", topics=TOPICS,
                             handler=commands, batch_handler=commands.batch,
-                            dead_letter_publisher=self.publisher),
+                            dead_letter_publisher=self.publisher,
+                            metrics=self.metrics.consumers),
             ConsumerRuntime(settings, group_id=f"{prefix}crm-bridge.sync", topics=sync.TOPICS,
                             handler=changes, batch_handler=changes.batch,
-                            dead_letter_publisher=self.publisher)]
+                            dead_letter_publisher=self.publisher,
+                            metrics=self.metrics.consumers)]
         self._tasks = [*(asyncio.create_task(c.run()) for c in self.consumers),
                        asyncio.create_task(self.worker.run()),
                        asyncio.create_task(self.relay.sweep()),
@@ -158,6 +160,7 @@ def create_app(settings: BridgeSettings, *,
                   description="Inbound CRM webhooks (signed) and the outbound delivery log. "
                               "Every /api route needs the admin token as a Bearer token.")
     app.state.bridge = bridge
+    app.add_middleware(HttpMetricsMiddleware, metrics=bridge.metrics.http)
     app.include_router(health_router({"kafka": bridge.publisher.check,
                                       "database": bridge.database_ready,
                                       "workers": bridge.workers_ready}))

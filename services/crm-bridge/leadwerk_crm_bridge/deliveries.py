@@ -323,8 +323,9 @@ class DeliveryWorker(DueTimer):
         batch = Batch(lease["batch_id"], lease["workspace"], connector, items,
                       {i.contact_id: crm_ids[i.contact_id] for i in items
                        if i.contact_id in crm_ids})
+        # Host and port only: a URL's user:password@ must not reach a metric label or a log.
         endpoint = f"{lease['workspace']}:{lease['connector']}" if connector is not None \
-            else urlsplit(items[0].url).netloc
+            else urlsplit(items[0].url).netloc.rpartition("@")[2]
         breaker = self._breakers[endpoint]
         wait = breaker.wait(time.monotonic())
         if wait > 0:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from leadwerk_crm_bridge.config import Connector
+from leadwerk_platform.metrics import ConsumerMetrics, HttpMetrics
 
 
 class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        #: The deliveries and sync consumers' leadwerk_consumer_*.
+        self.consumers = ConsumerMetrics(registry)
+        #: leadwerk_crm_http_* of the connector API and the inbound webhooks.
+        self.http = HttpMetrics(registry, "leadwerk_crm")
         self.queued = Counter("leadwerk_crm_deliveries_queued_total",
                               "Deliveries created, by what they sync (handoff, lifecycle, "
                               "score, activity, profile, erasure, webhook).", ["kind"],
@@ -15,6 +24,9 @@ class BridgeMetrics:
                                 "Requests (one per batch) by connector kind and outcome "
                                 "(delivered, retry, dead, circuit_open).",
                                 ["connector", "outcome"], registry=registry)
+        # At 0 from the start: the dead-letter alert's increase() sees the first dead batch.
+        for kind in get_args(Connector.model_fields["kind"].annotation):
+            self.attempts.labels(kind, "dead")
         self.delivered = Counter("leadwerk_crm_deliveries_delivered_total",
                                  "Deliveries that arrived, by connector kind.", ["connector"],
                                  registry=registry)

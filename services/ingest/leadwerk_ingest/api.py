@@ -19,12 +19,11 @@ from starlette.types import ASGIApp
 
 from leadwerk_ingest import email_routes, form_routes
 from leadwerk_ingest.adapters.config import IngestConfig, load_config
-from leadwerk_ingest.metrics import MetricsMiddleware
 from leadwerk_ingest.service import Ingest, RequestHead, preflight_response
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_ingest.tracking import TrackingRoutes
 from leadwerk_platform.health import health_router
-from leadwerk_platform.metrics import metrics_router
+from leadwerk_platform.metrics import HttpMetricsMiddleware, metrics_router
 
 _CORS_HEADERS = "Content-Type, Authorization, Content-Encoding, X-Request-ID"
 
@@ -49,7 +48,7 @@ def create_app(settings: IngestSettings, config: IngestConfig | None = None) -> 
                   docs_url="/docs", redoc_url=None)
     app.state.ingest = ingest
     templates: dict[Any, str] = {}
-    app.add_middleware(MetricsMiddleware, metrics=ingest.metrics, templates=templates)
+    app.add_middleware(HttpMetricsMiddleware, metrics=ingest.metrics, templates=templates)
     app.include_router(health_router({"kafka": ingest.publisher.check}))
     app.include_router(metrics_router(ingest.registry))
 

@@ -24,7 +24,7 @@ from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.producer import Publisher
 from leadwerk_platform.kafka.streams import StreamPolicy, StreamProcessor
-from leadwerk_platform.metrics import metrics_router, new_registry
+from leadwerk_platform.metrics import HttpMetricsMiddleware, metrics_router, new_registry
 from leadwerk_platform.outbox import OutboxRelay
 from leadwerk_scoring import contacts
 from leadwerk_scoring.adapters.config import declared_identifiers, default_model
@@ -93,7 +93,7 @@ class Scoring:
                 self.settings, group_id="scoring.stitcher",
                 topics={"tracking-events": "tracking-events-dlq"},
                 handler=Stitcher(deps, self.relays["stitcher"]), publisher=self.publisher,
-                on_fatal=self.on_fatal, policy=policy)
+                on_fatal=self.on_fatal, policy=policy, metrics=self.metrics.consumers)
         if "scorer" in enabled:
             self.timer = DowngradeTimer(deps, self.relays["scorer"])
             self._tasks.append(asyncio.create_task(self.timer.run()))
@@ -103,7 +103,8 @@ class Scoring:
                         "contact-commands": "contact-commands-dlq",
                         "email-events": "email-events-dlq"},
                 handler=Scorer(deps, self.relays["scorer"], self.timer),
-                publisher=self.publisher, on_fatal=self.on_fatal, policy=policy)
+                publisher=self.publisher, on_fatal=self.on_fatal, policy=policy,
+                metrics=self.metrics.consumers)
         for processor in self.processors.values():
             await processor.start()
 
@@ -151,6 +152,7 @@ def create_app(settings: ScoringSettings, *, clock: Callable[[], datetime] = utc
                   description="Contacts, timelines, scores and lifecycle stages. Every "
                               "/api route needs the admin token as a Bearer token.")
     app.state.scoring = scoring
+    app.add_middleware(HttpMetricsMiddleware, metrics=scoring.metrics.http)
     app.include_router(health_router({"kafka": scoring.publisher.check,
                                       "database": scoring.database_ready,
                                       "processors": scoring.processors_ready}))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from leadwerk_platform.metrics import ConsumerMetrics, HttpMetrics
+
 
 class ScoringMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        #: The stream processors' leadwerk_consumer_* (the same as every consumer group's).
+        self.consumers = ConsumerMetrics(registry)
+        #: leadwerk_scoring_http_* of the contacts API.
+        self.http = HttpMetrics(registry, "leadwerk_scoring")
         self.events = Counter(
             "leadwerk_scoring_events_consumed_total",
             "Events a stream processor took in (including duplicates and skipped ones).",

@@ -22,7 +22,7 @@ from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import OutgoingMessage, Publisher
-from leadwerk_platform.metrics import metrics_router, new_registry
+from leadwerk_platform.metrics import HttpMetricsMiddleware, metrics_router, new_registry
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
 from leadwerk_workflow.consumers import TOPICS, ContactEventHandler
 from leadwerk_workflow.domain.journey import parse
@@ -88,7 +88,7 @@ class Workflow:
         self.consumer = ConsumerRuntime(
             self.settings, group_id=f"{self.settings.kafka_topic_prefix}workflow.engine",
             topics=TOPICS, handler=handler, batch_handler=handler.batch,
-            dead_letter_publisher=self.publisher)
+            dead_letter_publisher=self.publisher, metrics=self.metrics.consumers)
         self._consumer_task = asyncio.create_task(self.consumer.run())
         self._tasks = [asyncio.create_task(self.relay.sweep()),
                        asyncio.create_task(self.timers.run())]
@@ -154,6 +154,7 @@ def create_app(settings: WorkflowSettings, *,
                   description="Journeys, enrollments and their history. Every /api route "
                               "needs the admin token as a Bearer token.")
     app.state.workflow = workflow
+    app.add_middleware(HttpMetricsMiddleware, metrics=workflow.metrics.http)
     app.include_router(health_router({"kafka": workflow.publisher.check,
                                       "database": workflow.database_ready,
                                       "engine": workflow.consumer_ready}))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
+from leadwerk_platform.metrics import ConsumerMetrics, HttpMetrics
+
 
 class WorkflowMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        #: The engine consumer's leadwerk_consumer_*.
+        self.consumers = ConsumerMetrics(registry)
+        #: leadwerk_workflow_http_* of the journeys API.
+        self.http = HttpMetrics(registry, "leadwerk_workflow")
         self.enrolled = Counter("leadwerk_workflow_enrollments_total",
                                 "Contacts that entered a journey.", ["journey"],
                                 registry=registry)

@@ -10,23 +10,38 @@ recognise what they already processed (docs/decisions/0007-scoring-stream-proces
   :class:`~.consumer.DeadLetters` as the plain consumer) and then acknowledged.
 * Any other failure is retried with back-off; when retries are exhausted the batch is *not*
   acknowledged and ``on_fatal`` is called: the process stops and a restart re-reads the batch.
+
+The metrics are the plain consumer's (``leadwerk_consumer_*``, same names and labels), so one
+dashboard panel or alert covers both kinds of consumer group; the lag comes from faust's
+consumer (end offsets through its consumer thread, committed offsets as faust tracks them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from prometheus_client import CollectorRegistry
 
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
 from leadwerk_platform.kafka.config import FETCH_MAX_WAIT_MS
-from leadwerk_platform.kafka.consumer import ConsumerPolicy, DeadLetters, retry_transient
+from leadwerk_platform.kafka.consumer import (
+    ConsumerPolicy,
+    DeadLetters,
+    report_lag,
+    retry_transient,
+)
 from leadwerk_platform.kafka.producer import Publisher
+from leadwerk_platform.metrics import ConsumerMetrics
 from leadwerk_platform.settings import PlatformSettings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +58,37 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> Any:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _FaustOffsets:
+    """:class:`~.consumer.PartitionOffsets` of a faust consumer: its assignment, end offsets
+    fetched by its consumer thread, and the committed offsets faust keeps (read at assignment,
+    updated on each commit)."""
+
+    def __init__(self, consumer: Any) -> None:
+        self._consumer = consumer
+
+    def assignment(self) -> Collection[Any]:
+        assigned: Collection[Any] = self._consumer.assignment()
+        return assigned
+
+    def highwater(self, partition: Any) -> int | None:
+        highwater: int | None = self._consumer.highwater(partition)
+        return highwater
+
+    async def end_offsets(self, partitions: list[Any]) -> Mapping[Any, int]:
+        # faust calls them high waters; its consumer thread asks ListOffsets(latest).
+        ends: Mapping[Any, int] = await self._consumer.highwaters(*partitions)
+        return ends
+
+    async def committed(self, partitions: list[Any]) -> Mapping[Any, int | None]:
+        # faust has no public getter; this map is what it commits from (next offset to read).
+        committed = self._consumer._committed_offset
+        return {tp: committed.get(tp) for tp in partitions}
+
+    async def beginning_offsets(self, partitions: list[Any]) -> Mapping[Any, int]:
+        starts: Mapping[Any, int] = await self._consumer.earliest_offsets(*partitions)
+        return starts
 
 
 @dataclass(slots=True)
@@ -80,21 +126,28 @@ class StreamProcessor:
     def __init__(self, settings: PlatformSettings, *, group_id: str, topics: dict[str, str],
                  handler: BatchHandler, publisher: Publisher,
                  on_fatal: Callable[[BaseException], None],
-                 policy: StreamPolicy | None = None) -> None:
-        """``topics`` maps each consumed registry topic to its dead-letter topic."""
+                 policy: StreamPolicy | None = None,
+                 metrics: ConsumerMetrics | None = None) -> None:
+        """``topics`` maps each consumed registry topic to its dead-letter topic; ``metrics``
+        is the service's (on its registry); without it the counts go nowhere."""
         self._policy = policy or StreamPolicy()
         self._handler = handler
         self._on_fatal = on_fatal
         self.group_id = settings.kafka_topic_prefix + group_id
         dead_letter_topics = {settings.topic(t): settings.topic(d) for t, d in topics.items()}
+        self._metrics = (metrics or ConsumerMetrics(CollectorRegistry())).group(self.group_id)
+        self._metrics.declare(dead_letter_topics)
         self._dead_letters = DeadLetters(publisher, self._policy, self.group_id,
-                                         dead_letter_topics)
+                                         dead_letter_topics, self._metrics)
         session = settings.kafka_session_timeout_ms / 1000
         self.app = faust.App(
             self.group_id,
             broker=[f"kafka://{server.strip()}"
                     for server in settings.kafka_bootstrap_servers.split(",")],
             store="memory://",
+            # faust makes a data folder even with the memory store: not in the working folder
+            # (the checkout, or a read-only root in a pod) but the temporary one.
+            datadir=str(Path(tempfile.gettempdir()) / "leadwerk-faust-{conf.name}"),
             autodiscover=False,
             web_enabled=False,
             topic_allow_declare=False,  # topics come from the registry (bootstrap)
@@ -117,11 +170,21 @@ class StreamProcessor:
         self.processed = 0
         self.dead_lettered = 0
         self.failed: BaseException | None = None
+        self._lag: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.app.start()
+        self._metrics.set_running(True)
+        self._lag = asyncio.create_task(report_lag(
+            _FaustOffsets(self.app.consumer), self._metrics, self._policy.lag_interval))
 
     async def stop(self) -> None:
+        if self._lag is not None:
+            self._lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag
+        self._metrics.set_running(False)
+        self._metrics.set_lag({})
         await self.app.stop()
 
     async def _agent(self, stream: Any) -> None:
@@ -131,21 +194,34 @@ class StreamProcessor:
                 await self._process(events)
             except BaseException as error:  # noqa: BLE001 - never acknowledge a failed batch
                 self.failed = error
+                self._metrics.set_running(False)
                 self._on_fatal(error)
                 await asyncio.Event().wait()  # hold the batch unacknowledged until stopped
             for event in events:
                 await stream.ack(event)
 
     async def _process(self, events: Sequence[Any]) -> None:
+        started = time.perf_counter()
+        counts: dict[str, int] = {}  # decoded records per topic
+        try:
+            await self._process_batch(events, counts)
+        finally:
+            seconds = time.perf_counter() - started
+            for topic in counts:
+                self._metrics.handled(topic, seconds)
+
+    async def _process_batch(self, events: Sequence[Any], counts: dict[str, int]) -> None:
         batch: list[StreamMessage] = []
         for event in events:
             message = event.message
             try:
                 envelope = decode(message.value)
             except InvalidMessageError as error:
+                self._metrics.handler_error(message.topic, "invalid")
                 await self._dead_letters.send(message, error)
                 self.dead_lettered += 1
                 continue
+            counts[message.topic] = counts.get(message.topic, 0) + 1
             batch.append(StreamMessage(message.topic, message.partition, message.offset,
                                        message.key, envelope, message))
         if not batch:
@@ -154,10 +230,22 @@ class StreamProcessor:
 
         async def handle() -> None:
             nonlocal rejected
-            rejected = await self._handler(batch)
+            try:
+                rejected = await self._handler(batch)
+            except Exception as error:
+                kind = "invalid" if isinstance(error, InvalidMessageError) else "transient"
+                for topic in counts:
+                    self._metrics.handler_error(topic, kind)
+                raise
 
         await retry_transient(handle, self._policy, what=f"{self.group_id} batch")
+        accepted = dict(counts)
         for item in rejected:
+            self._metrics.handler_error(item.message.topic, "invalid")
             await self._dead_letters.send(item.message.source, InvalidMessageError(item.reason))
             self.dead_lettered += 1
+            accepted[item.message.topic] -= 1
         self.processed += len(batch)
+        for topic, count in accepted.items():
+            if count:
+                self._metrics.processed(topic, count)
