@@ -55,6 +55,7 @@ lint: setup  ## ruff + mypy (strict)
 	@$(UV) run --no-sync mypy services/mailer/tests
 	@$(UV) run --no-sync mypy services/crm-bridge/tests
 	@$(UV) run --no-sync mypy libs/platform/tests tests bench demo
+	@$(UV) run --no-sync mypy --strict deploy/grafana/generate.py
 
 format: setup  ## apply ruff's fixes and formatting
 	@$(UV) run --no-sync ruff check --fix .
@@ -72,6 +73,7 @@ bench-scoring: setup  ## only the stitcher/scorer benchmark (docs/benchmarks-sco
 
 deploy-check: setup  ## render every Kubernetes overlay and validate it offline (needs kubectl)
 	@$(UV) run --no-sync python -m leadwerk_platform.deploy --check
+	@$(UV) run --no-sync python deploy/grafana/generate.py --check
 	@$(UV) run --no-sync pytest -q tests/deploy libs/platform/tests/test_deploy.py
 
 image:  ## build the container image (needs a Docker engine): one image, the command picks the service

@@ -102,7 +102,12 @@ class Story:
     device: str = field(default_factory=lambda: str(uuid.uuid4()))
     address: str = field(default_factory=lambda: f"anna.{uuid.uuid4().hex[:6]}@example.de")
     contact_id: str = ""
+    #: who signed the welcome mail (the rep assigned at registration), and the owner at MQL
+    welcome_sender: str = ""
     owner: str = ""
+    #: the contact before she came back, and as an MQL
+    before: dict[str, Any] = field(default_factory=dict)
+    mql: dict[str, Any] = field(default_factory=dict)
 
     # -- the platform's public interfaces -------------------------------------------------
 
@@ -248,7 +253,7 @@ class Story:
     async def gets_the_welcome_mail(self) -> None:
         welcome = await self.mail(self.address, "Willkommen")
         sender = re.search(r"[\w.+-]+@[\w.-]+", str(welcome["From"]))
-        self.owner = sender.group(0) if sender else ""
+        self.welcome_sender = sender.group(0) if sender else ""
         self.say(f"the welcome journey's mail arrives: \"{welcome['Subject']}\" from "
                  f"{welcome['From']}, the rep assigned to her at registration")
         click = await self.client.get(_link(welcome, "/t/c/"))
@@ -257,7 +262,7 @@ class Story:
         self.say(f"she clicks a link in it (tracked, redirected to {click.headers['location']})")
 
     async def comes_back_and_watches_the_demo(self) -> None:
-        before = await self.contact()
+        before = self.before = await self.contact()
         await self.track("page", {"name": "Preise", "properties": {
             "path": "/preise", "url": "https://www.example.com/preise"}})
         for _ in range(2):
@@ -269,11 +274,11 @@ class Story:
         self.say(f"she comes back (score {before['score']:g}, rating {before['rating']}, "
                  f"stage {before['stage']}): the pricing page, the pricing sheet twice, the "
                  "demo video and a customer story")
-        mql = await self.contact_where("the contact becoming an MQL",
-                                       lambda c: c["stage"] == "mql")
+        mql = self.mql = await self.contact_where("the contact becoming an MQL",
+                                                  lambda c: c["stage"] == "mql")
         self.say(f"score and rating rise to {mql['score']:g} and {mql['rating']}: she is "
                  f"an MQL now, owned by {mql['owner']}")
-        self.owner = str(mql["owner"] or self.owner)
+        self.owner = str(mql["owner"] or "")
 
     async def sales_is_notified_and_gets_the_handoff(self) -> dict[str, Any]:
         alert = await self.mail(self.owner, "Lead", about=self.address)

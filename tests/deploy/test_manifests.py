@@ -315,6 +315,15 @@ def test_every_document_validates_against_its_schema(docs: list[Doc]) -> None:
     assert [problem for doc in docs for problem in schema_problems(doc)] == []
 
 
+def test_everything_lands_in_the_leadwerk_namespace(docs: list[Doc]) -> None:
+    """Pods, the Kafka and Postgres clusters and their topics find each other by short name,
+    and the operators watch one namespace: an overlay's own resources must land there too."""
+    cluster_wide = {"Namespace"}
+    assert [f"{d['kind']}/{d['metadata']['name']}" for d in docs
+            if d["kind"] not in cluster_wide
+            and d["metadata"].get("namespace") != "leadwerk"] == []
+
+
 def test_every_service_is_deployed_with_probes_and_a_service(docs: list[Doc]) -> None:
     assert [problem for service in SERVICES for problem in service_problems(docs, service)] == []
 

@@ -18,23 +18,27 @@ from leadwerk_platform.testing.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
-RECEIVER_PORT = free_port()
+@pytest.fixture
+def receiver_port() -> int:
+    """Chosen before the stack takes its own free ports."""
+    return free_port()
 
 
 @pytest.fixture
-def stack_env(tmp_path: Path) -> dict[str, str]:
+def stack_env(tmp_path: Path, receiver_port: int) -> dict[str, str]:
     """The shipped configuration, with the sales webhook pointed at this test's receiver."""
     config = tmp_path / "config"
     shutil.copytree(repository_root() / "config", config)
     connectors = config / "connectors.yaml"
     text = connectors.read_text()
     assert "http://127.0.0.1:9099/leadwerk" in text
-    connectors.write_text(text.replace("127.0.0.1:9099", f"127.0.0.1:{RECEIVER_PORT}"))
+    connectors.write_text(text.replace("127.0.0.1:9099", f"127.0.0.1:{receiver_port}"))
     return {"LEADWERK_CONFIG_DIR": str(config)}
 
 
 @pytest.mark.timeout(300)
-async def test_from_blog_reader_to_customer(local_stack: LocalStack) -> None:
+async def test_from_blog_reader_to_customer(local_stack: LocalStack, receiver_port: int,
+                                            ) -> None:
     await asyncio.to_thread(local_stack.wait_ready)
     settings = BridgeSettings(_env_file=None)
     platform = Platform(
@@ -44,7 +48,7 @@ async def test_from_blog_reader_to_customer(local_stack: LocalStack) -> None:
         admin_token=DEVELOPMENT_ADMIN_TOKEN, write_key="dev-write-key",
         outbound_secret=webhook_secrets(settings, "outbound")[0],
         inbound_secret=webhook_secrets(settings, "inbound")[0],
-        receiver_port=RECEIVER_PORT, timeout=90)
+        receiver_port=receiver_port, timeout=90)
     narration: list[str] = []
     async with story(platform, narration.append) as walk:
         customer = await walk.walk()
@@ -62,8 +66,11 @@ async def test_from_blog_reader_to_customer(local_stack: LocalStack) -> None:
         assert sent["owner"] == walk.owner
         assert "pricing-sheet.pdf" in sent["summary"]
         assert sent["contact"]["attribution"]["first_touch"]["campaign"] == "herbst-2026"
-        # The contact is a customer, owned by the rep who wrote the welcome mail, and the
-        # whole history is one timeline.
+        # Score and rating rose to an MQL; the rep who signed the welcome mail owns her.
+        assert walk.mql["score"] > walk.before["score"]
+        assert walk.mql["rating"] != walk.before["rating"]
+        assert walk.welcome_sender == walk.mql["owner"] == walk.owner
+        # The contact is a customer, and the whole history is one timeline.
         assert customer["stage"] == "customer"
         assert customer["owner"] == walk.owner
         kinds = {str(e["type"]) for e in await walk.timeline()}

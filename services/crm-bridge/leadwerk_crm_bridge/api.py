@@ -87,7 +87,11 @@ class Bridge:
         self._client = httpx.AsyncClient(timeout=settings.request_timeout,
                                          follow_redirects=False, trust_env=False,
                                          limits=httpx.Limits(max_connections=100))
-        http = Http(self._client, config.allow_private)
+        private = config.private_webhooks(settings.environment)
+        if private != config.allow_private:
+            logger.warning("allow_private_webhooks ignored in production",
+                           extra={"workspaces": sorted(config.allow_private)})
+        http = Http(self._client, private)
         channels: dict[str, Channel] = {
             "webhook": WebhookChannel(http, lambda: deps.secrets("outbound"), self.clock),
             "hubspot": HubSpotChannel(http, lambda c: deps.secret(c, "token")),

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from leadwerk_platform.conditions import Condition
-from leadwerk_platform.settings import config_entries
+from leadwerk_platform.settings import Environment, config_entries
 
 #: What a connector can be told to sync (its ``events``).
 Kind = Literal["handoff", "lifecycle", "score", "activity", "profile", "erasure"]
@@ -106,6 +106,12 @@ class Config:
         private = frozenset(str(w["id"]) for w in config_entries(
             config_dir, "workspaces.yaml", "workspaces") if w.get("allow_private_webhooks"))
         return cls(connectors, activities, private)
+
+    def private_webhooks(self, environment: Environment) -> frozenset[str]:
+        """The workspaces whose webhooks may call private and loopback addresses: none in
+        production, whatever workspaces.yaml says (the shipped development workspace allows
+        them for the local demo, and the image carries that file)."""
+        return frozenset() if environment is Environment.PRODUCTION else self.allow_private
 
     def targets(self, workspace: str, kind: Kind) -> list[Connector]:
         return [c for c in self.connectors if c.workspace == workspace and kind in c.events]

@@ -7,10 +7,11 @@ import base64
 import hashlib
 import hmac
 
-from leadwerk_crm_bridge.config import ActivityRule, Connector
+from leadwerk_crm_bridge.config import ActivityRule, Config, Connector
 from leadwerk_crm_bridge.domain import hubspot
 from leadwerk_crm_bridge.domain.breaker import Breaker
 from leadwerk_crm_bridge.domain.sync import activity_view, label_for, summary
+from leadwerk_platform.settings import Environment, repository_root
 
 RULES = [ActivityRule.model_validate(r) for r in (
     {"type": "track", "event": "Document Downloaded", "label": "downloaded {properties.document}"},
@@ -121,3 +122,10 @@ def test_the_breaker_opens_after_failures_probes_once_and_closes_on_success() ->
     breaker.record(True, 58.0)
     assert not breaker.is_open
     assert breaker.wait(58.0) == 0.0
+
+
+def test_production_never_lets_webhooks_reach_private_addresses() -> None:
+    """The shipped configuration (in the image too) allows it for the local demo only."""
+    config = Config.load(repository_root() / "config")
+    assert config.private_webhooks(Environment.DEVELOPMENT) == {"dev"}
+    assert config.private_webhooks(Environment.PRODUCTION) == frozenset()
