@@ -65,7 +65,7 @@ async def test_from_blog_reader_to_customer(local_stack: LocalStack, receiver_po
         assert sent["contact"]["stage"] in {"mql", "sal", "customer"}
         assert sent["owner"] == walk.owner
         assert "pricing-sheet.pdf" in sent["summary"]
-        assert sent["contact"]["attribution"]["first_touch"]["campaign"] == "herbst-2026"
+        assert sent["contact"]["attribution"]["first_touch"]["name"] == "herbst-2026"
         # Score and rating rose to an MQL; the rep who signed the welcome mail owns her.
         assert walk.mql["score"] > walk.before["score"]
         assert walk.mql["rating"] != walk.before["rating"]

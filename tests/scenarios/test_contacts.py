@@ -51,7 +51,9 @@ async def test_anonymous_visits_then_a_form_make_one_contact_with_the_whole_hist
     async with browser() as client:
         for path in ("/", "/produkte", "/whitepaper"):
             await stack.track(client, "page", {"anonymousId": device, "name": path,
-                                               "properties": {"path": path}})
+                                               "properties": {"path": path},
+                                               "context": {"campaign": {
+                                                   "source": "newsletter", "name": "herbst"}}})
         await stack.track(client, "track", {"anonymousId": device,
                                             "event": "Document Downloaded"})
         await submit_form(stack, client, device, address)
@@ -71,6 +73,8 @@ async def test_anonymous_visits_then_a_form_make_one_contact_with_the_whole_hist
         assert {"kind": "anonymous", "value": device} in found["identifiers"]
         assert found["stage"] == "lead"
         assert found["score"] == 20  # one visit (5) and one download (15)
+        # The campaign that brought the anonymous visitor is her first touch.
+        assert found["attribution"]["first_touch"]["name"] == "herbst"
         by_device = await find(stack, client, anonymous_id=device)
         assert by_device is not None
         assert by_device["id"] == found["id"]

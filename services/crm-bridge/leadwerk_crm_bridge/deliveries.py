@@ -201,12 +201,14 @@ class CommandHandler:
 
 async def handoff_data(connection: Connection, workspace: str, data: dict[str, Any],
                        now: datetime) -> dict[str, Any]:
-    """The hand-off as sales gets it: the command, the contact as the bridge knows it
-    (the journey's snapshot filling gaps), and a summary of the recent activity."""
+    """The hand-off as sales gets it: the command, the contact as the bridge knows it, and a
+    summary of the recent activity. Score, grade, rating and stage come from the journey's
+    snapshot where it has them: the state that caused the hand-off, which the bridge's own
+    projection (another topic) may not have caught up with yet."""
     contact = await contact_document(connection, workspace, data["contact_id"])
     snapshot = data.get("snapshot") or {}
     for name in ("score", "grade", "rating", "stage"):
-        if contact.get(name) is None and snapshot.get(name) is not None:
+        if snapshot.get(name) is not None:
             contact[name] = snapshot[name]
     contact["traits"] = {**(snapshot.get("traits") or {}), **contact.get("traits", {})}
     if data.get("owner"):

@@ -345,7 +345,7 @@ async def test_a_handoff_arrives_signed_once_even_when_the_receiver_fails_first(
     data = arrived[0]["data"]
     assert {k: data[k] for k in command.data} == command.data
     assert data["contact"]["owner"] == "anna.berger@example.de"
-    assert data["contact"]["stage"] == "mql"  # the journey's snapshot fills what is unknown
+    assert data["contact"]["stage"] == "mql"  # the journey's snapshot: what caused the hand-off
     assert rig.receiver.ids[delivery["delivery_id"]] == 1  # one effect, stable webhook-id
     assert rig.receiver.refused == 0
 

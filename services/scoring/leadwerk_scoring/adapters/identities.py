@@ -108,9 +108,32 @@ async def current_ids(connection: Connection,
 
 async def create_contact(connection: Connection, workspace: str, contact_id: str,
                          now: datetime) -> None:
+    """The contact row of a new contact, or of an anonymous device being identified: its
+    attribution (the campaign that first brought the visitor) comes from its history."""
+    first, last, last_seen = await anonymous_attribution(connection, workspace, contact_id)
     await connection.execute(
-        "INSERT INTO contacts (workspace, contact_id, created_at, updated_at) "
-        "VALUES ($1, $2, $3, $3) ON CONFLICT DO NOTHING", workspace, contact_id, now)
+        "INSERT INTO contacts (workspace, contact_id, created_at, updated_at, first_touch, "
+        "last_touch, last_seen_at) VALUES ($1, $2, $3, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        workspace, contact_id, now, jsonb(first) if first else None,
+        jsonb(last) if last else None, last_seen)
+
+
+async def anonymous_attribution(connection: Connection, workspace: str, contact_id: str,
+                                ) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
+                                           datetime | None]:
+    """First and last touch and last activity of an anonymous device, from its timeline (an
+    anonymous device has no contact row to keep them in)."""
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+    last_seen: datetime | None = None
+    for row in await connection.fetch(
+            "SELECT occurred_at, data FROM timeline WHERE workspace = $1 AND contact_id = $2 "
+            "ORDER BY occurred_at LIMIT $3", workspace, contact_id, _ANONYMOUS_TOUCH_ROWS):
+        first, last = combine_touches(first, last, touch_of(load_json(row["data"]),
+                                                            row["occurred_at"]))
+        if last_seen is None or row["occurred_at"] > last_seen:
+            last_seen = row["occurred_at"]
+    return first, last, last_seen
 
 
 async def link(connection: Connection, workspace: str, identifiers: Sequence[Identifier],
@@ -166,13 +189,12 @@ async def apply_merge(connection: Connection, settings: PlatformSettings, worksp
         await connection.execute("DELETE FROM contacts WHERE workspace = $1 AND contact_id = $2",
                                  workspace, merged)
     else:  # an anonymous device: its attribution is in its timeline
-        for row in await connection.fetch(
-                "SELECT occurred_at, data FROM timeline WHERE workspace = $1 AND contact_id = $2 "
-                "ORDER BY occurred_at LIMIT $3", workspace, merged, _ANONYMOUS_TOUCH_ROWS):
-            first, last = combine_touches(first, last, touch_of(load_json(row["data"]),
-                                                                row["occurred_at"]))
-            if last_seen is None or row["occurred_at"] > last_seen:
-                last_seen = row["occurred_at"]
+        device_first, device_last, device_seen = await anonymous_attribution(
+            connection, workspace, merged)
+        first, last = combine_touches(first, last, device_first)
+        first, last = combine_touches(first, last, device_last)
+        if device_seen is not None and (last_seen is None or device_seen > last_seen):
+            last_seen = device_seen
     await connection.execute(
         "INSERT INTO contacts (workspace, contact_id, created_at, updated_at, traits, "
         "first_touch, last_touch, last_seen_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
