@@ -233,9 +233,7 @@ def _services() -> tuple[Service, ...]:
                    Target(f"sum by (type) (rate(leadwerk_workflow_events_consumed_total"
                           f"{{{workflow}}}{RATE}))", "{{type}}"), unit="ops"),
         )),
-        # No HTTP metrics in the mailer yet: set http_prefix="leadwerk_mailer" once its
-        # MailerMetrics has HttpMetrics and its app the middleware (docs/operations.md).
-        Service("mailer", "Leadwerk mailer", None, consumers=True, panels=(
+        Service("mailer", "Leadwerk mailer", "leadwerk_mailer", consumers=True, panels=(
             stat("Bounce rate (last hour)", Target(_bounce_rate(mailer, "1h")),
                  unit="percentunit", width=12),
             stat("Emails sent in range",

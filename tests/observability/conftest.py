@@ -32,6 +32,7 @@ DEAD_LETTERING = {"scoring": "scoring.scorer", "workflow": "workflow.engine",
                   "crm-bridge": "crm-bridge.sync"}
 INSTRUMENTED_GROUPS = {"scoring": ("scoring.stitcher", "scoring.scorer"),
                        "workflow": ("workflow.engine",),
+                       "mailer": ("mailer.sender", "mailer.consent"),
                        "crm-bridge": ("crm-bridge.deliveries", "crm-bridge.sync")}
 BROWSER = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
            "Chrome/130.0 Safari/537.36")

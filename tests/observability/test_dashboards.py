@@ -82,9 +82,8 @@ def test_every_service_dashboard_shows_red_metrics() -> None:
                            "leadwerk_consumer_handler_errors_total",
                            "leadwerk_consumer_handler_duration_seconds_bucket"):
                 assert metric in exprs, (service, metric)
-        if service != "mailer":  # HTTP: requests, errors, duration (mailer: not yet)
-            assert "_http_requests_total" in exprs, service
-            assert "_http_request_duration_seconds_bucket" in exprs, service
+        assert "_http_requests_total" in exprs, service  # HTTP: requests, errors, duration
+        assert "_http_request_duration_seconds_bucket" in exprs, service
 
 
 def test_every_dashboard_expression_passes_promtool(promtool: str, tmp_path: Path) -> None:

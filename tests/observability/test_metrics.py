@@ -76,6 +76,7 @@ def test_ingest_counts_requests_by_route_and_exact_status(scrapes: Scrapes) -> N
 
 @pytest.mark.parametrize(("service", "prefix"), [("scoring", "leadwerk_scoring"),
                                                  ("workflow", "leadwerk_workflow"),
+                                                 ("mailer", "leadwerk_mailer"),
                                                  ("crm-bridge", "leadwerk_crm")])
 def test_apis_count_requests_by_route_template(scrapes: Scrapes, service: str,
                                                prefix: str) -> None:

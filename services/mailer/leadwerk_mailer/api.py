@@ -39,7 +39,7 @@ from leadwerk_platform.database import create_pool, reachable
 from leadwerk_platform.health import health_router
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import Publisher
-from leadwerk_platform.metrics import metrics_router, new_registry
+from leadwerk_platform.metrics import HttpMetricsMiddleware, metrics_router, new_registry
 from leadwerk_platform.outbox import OutboxRelay
 from leadwerk_platform.ratelimit import RateLimit
 from leadwerk_platform.tokens import TokenSigner
@@ -102,11 +102,13 @@ class Mailer:
         self._consumers = [
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.sender", topics=COMMAND_TOPICS,
                             handler=commands, batch_handler=commands.batch,
-                            dead_letter_publisher=self.publisher),
+                            dead_letter_publisher=self.publisher,
+                            metrics=self.metrics.consumers),
             ConsumerRuntime(settings, group_id=f"{prefix}mailer.consent",
                             topics=CONTACT_TOPICS,
                             handler=ConsentHandler(deps, self.delivery),
-                            dead_letter_publisher=self.publisher)]
+                            dead_letter_publisher=self.publisher,
+                            metrics=self.metrics.consumers)]
         self._tasks = [asyncio.create_task(c.run()) for c in self._consumers]
         self._tasks += [asyncio.create_task(outbox.sweep()),
                         asyncio.create_task(self.retries.run())]
@@ -173,6 +175,7 @@ def create_app(settings: MailerSettings, *,
                   description="Templates, message log, consent and suppression. Every /api "
                               "route needs the admin token as a Bearer token.")
     app.state.mailer = mailer
+    app.add_middleware(HttpMetricsMiddleware, metrics=mailer.metrics.http)
     app.include_router(health_router({"kafka": mailer.publisher.check,
                                       "database": mailer.database_ready,
                                       "consumers": mailer.consumers_ready}))
@@ -264,13 +267,12 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
         if not valid_address(body.to):
             raise HTTPException(422, "not an email address")
         result = await rendered(template_id, workspace, body.personalization)
-        message = build(Envelope(message_id=f"test-{uuid.uuid4()}@leadwerk.localhost",
-                                 sender=settings.default_sender, to=body.to,
-                                 subject=f"[Test] {result.subject}", date=mailer.clock()),
-                        result.html, result.text)
+        raw = build(Envelope(message_id=f"test-{uuid.uuid4()}@leadwerk.localhost",
+                             sender=settings.default_sender, to=body.to,
+                             subject=f"[Test] {result.subject}", date=mailer.clock()),
+                    result.html, result.text)
         outcome = await deps().relays["transactional"].send(
-            parseaddr(settings.default_sender)[1], parseaddr(body.to)[1],
-            message.as_bytes(policy=message.policy.clone(linesep="\r\n")))
+            parseaddr(settings.default_sender)[1], parseaddr(body.to)[1], raw)
         return {"outcome": outcome.kind, "smtp_code": outcome.code,
                 "response": outcome.response}
 

@@ -3,7 +3,6 @@ and the suppression list, contact events (group ``mailer.consent``)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -24,34 +23,36 @@ class CommandHandler:
     def __init__(self, deps: Deps, delivery: Delivery) -> None:
         self._deps = deps
         self._delivery = delivery
-        # As many deliveries at once as the relay has connections: while one waits for
-        # SMTP or Postgres, another renders and signs.
-        self._parallel = asyncio.Semaphore(deps.settings.smtp_pool_size)
 
     async def __call__(self, message: ConsumedMessage) -> None:
         await self.batch([message])
 
     async def batch(self, messages: Sequence[ConsumedMessage]) -> None:
-        """A fetched batch: each command recorded once, then delivered concurrently. If
-        anything fails the runtime comes again one by one, and the recorded states keep every
-        command from going out twice."""
-        accepted = []
+        """A fetched batch: the commands recorded in one transaction, then delivered in one
+        run over the SMTP connections. If anything fails the runtime comes again one by one,
+        and the recorded states keep every command from going out twice."""
+        commands = []
         for message in messages:
             command = message.envelope
             if command.type != "email.send_requested.v1":
                 continue
-            data = command.data
-            if not isinstance(data.get("contact_id"), str) or not data.get("template"):
-                raise InvalidMessageError("an email command names a contact and a template")
-            self._deps.metrics.commands.labels(str(data.get("class"))).inc()
-            if await self._delivery.accept(command):
-                accepted.append(command.id)
+            _check(command.data)
+            self._deps.metrics.commands.labels(str(command.data["class"])).inc()
+            commands.append(command)
+        await self._delivery.deliver_many(await self._delivery.accept_many(commands))
 
-        async def deliver(command_id: str) -> None:
-            async with self._parallel:
-                await self._delivery.deliver(command_id)
 
-        await asyncio.gather(*(deliver(c) for c in accepted))
+def _check(data: dict[str, Any]) -> None:
+    """What a command needs (email.send_requested.v1) before it can be recorded."""
+    try:
+        uuid.UUID(str(data.get("contact_id")))
+    except ValueError as error:
+        raise InvalidMessageError("an email command names a contact by its id") from error
+    if not isinstance(data.get("template"), str) or not data["template"]:
+        raise InvalidMessageError("an email command names a template")
+    if data.get("class") not in {"marketing", "transactional", "internal"}:
+        raise InvalidMessageError("an email command's class is marketing, transactional or "
+                                  "internal")
 
 
 class ConsentHandler:
@@ -76,8 +77,7 @@ class ConsentHandler:
                 async with self._deps.pool.acquire() as connection:
                     released = await release_held(connection, event.workspace,
                                                   str(data.get("contact_id")))
-                for command_id in released:
-                    await self._delivery.deliver(command_id)
+                await self._delivery.deliver_many(released)
             case "contact.activity.v1", "unsubscribed":
                 await self._unsubscribed(event)
             case "contact.merged.v1", _:
@@ -130,8 +130,7 @@ class ConsentHandler:
                   "class": "transactional", "to": address, "sender": {"kind": "default"},
                   "personalization": {**traits, "confirm_url": f"{base}/t/confirm/{token}"},
                   "origin": {"consent": purpose, "form_id": properties.get("form_id")}})
-        if await self._delivery.accept(command):
-            await self._delivery.deliver(command.id)
+        await self._delivery.deliver_many(await self._delivery.accept_many([command]))
 
     async def _unsubscribed(self, event: Envelope) -> None:
         data = event.data

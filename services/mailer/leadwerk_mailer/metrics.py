@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
+from leadwerk_platform.metrics import ConsumerMetrics, HttpMetrics
+
 
 class MailerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -15,3 +17,8 @@ class MailerMetrics:
         self.outcomes = Counter("leadwerk_mailer_outcomes_total",
                                 "Delivery outcomes (sent, deferred, bounced, failed, "
                                 "suppressed).", ["state"], registry=registry)
+        # Born at zero, so that rate() and increase() see the first bounce.
+        for state in ("sent", "deferred", "bounced", "failed", "suppressed", "held"):
+            self.outcomes.labels(state)
+        self.consumers = ConsumerMetrics(registry)
+        self.http = HttpMetrics(registry, "leadwerk_mailer")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from functools import partial
 from typing import Any
 
 import dkim
@@ -26,6 +27,7 @@ from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_mailer.api import Mailer, create_app
 from leadwerk_mailer.settings import MailerSettings
+from leadwerk_mailer.transport import Outcome
 from leadwerk_platform.embedded import free_port
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.kafka.topics import provision_topics
@@ -271,7 +273,7 @@ async def test_a_5xx_bounces_and_suppresses_a_4xx_is_retried(rig: Rig) -> None:
         again = await rig.command(to=bounce, contact_id=bounced_contact)
         items = await rig.state(client, bounced_contact, lambda i: len(i) == 2 and i[1][
             "state"] == "suppressed")
-        assert (items[1]["command_id"], items[1]["reason"]) == (again.id, "hard_bounce")
+        assert (items[1]["command_id"], items[1]["reason"]) == (again.id, "hard_bounce"), items
         # Greylisted: deferred, then sent by the retry worker after the back-off.
         await rig.command(to=grey, contact_id=grey_contact)
         [log] = await rig.state(client, grey_contact,
@@ -386,7 +388,8 @@ async def test_a_dsn_after_sending_bounces_the_mail_and_a_complaint_suppresses(
                                 lambda i: bool(i) and i[0]["state"] == "bounced")
         assert log["status"] == "5.2.1"
         again = await rig.command(to=address, contact_id=contact_id)
-        items = await rig.state(client, contact_id, lambda i: len(i) == 2)
+        items = await rig.state(client, contact_id, lambda i: len(i) == 2 and i[1][
+            "state"] not in {"received", "claimed"})  # decided, not just recorded
         assert (items[1]["command_id"], items[1]["reason"]) == (again.id, "hard_bounce")
         # A provider's complaint webhook.
         other = f"spam.{uuid.uuid4().hex[:6]}@example.de"
@@ -402,3 +405,111 @@ async def test_a_dsn_after_sending_bounces_the_mail_and_a_complaint_suppresses(
     bounced = [e for e in await rig.events(1) if e["type"] == "email.bounced.v1"
                and e["data"]["command_id"] == command.id]
     assert bounced[0]["data"]["hard"] is True
+
+
+async def test_a_burst_is_sent_once_each_with_refusals_and_template_bugs_recorded(
+        rig: Rig) -> None:
+    """Commands fetched together go through one delivery run: consent checked per command,
+    a broken template fails its own command only, every other one is sent exactly once."""
+    now = datetime.now(UTC)
+    commands = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in range(24):
+            contact_id = str(uuid.uuid4())
+            if n % 8 != 1:  # every eighth contact (n = 1, 9, 17) never consented
+                await rig.consent(client, contact_id)
+            commands.append(Envelope(
+                id=str(uuid.uuid4()), type="email.send_requested.v1", workspace="dev",
+                occurred_at=now, received_at=now, producer="workflow",
+                data={"contact_id": contact_id,
+                      "template": "no-such-template" if n % 8 == 2 else "welcome",
+                      "class": "marketing", "to": f"burst.{n}.{uuid.uuid4().hex[:6]}@example.de",
+                      "sender": {"kind": "default"}, "personalization": {"first_name": f"B{n}"},
+                      "origin": {"journey_id": "burst"}}))
+        producer = AIOKafkaProducer(bootstrap_servers=rig.settings.kafka_bootstrap_servers)
+        await producer.start()
+        try:
+            for command in [*commands, commands[0], commands[5]]:  # two redelivered
+                await producer.send(rig.settings.topic("email-commands"), encode(command),
+                                    key=f"dev:{command.data['contact_id']}".encode())
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+        async def final(command: Envelope) -> dict[str, Any] | None:
+            items = (await client.get(
+                f"{rig.mailer}/api/contacts/{command.data['contact_id']}/messages",
+                headers=ADMIN)).json()["items"]
+            done = [i for i in items if i["state"] in {"sent", "failed", "suppressed"}]
+            return done[0] if done else None
+
+        logs: list[dict[str, Any]] = [await eventually(partial(final, c)) for c in commands]
+    states = {(n % 8, log["state"]) for n, log in enumerate(logs)}
+    assert states == {(n, "sent") for n in range(8) if n not in {1, 2}} | {
+        (1, "suppressed"), (2, "failed")}
+    assert {log["reason"] for n, log in enumerate(logs) if n % 8 == 1} == {"no_consent"}
+    assert all(log["reason"].startswith("template no-such-template: ")
+               for n, log in enumerate(logs) if n % 8 == 2)
+    await asyncio.sleep(0.5)
+    for n, command in enumerate(commands):
+        assert len(rig.sink.to(command.data["to"])) == (0 if n % 8 in {1, 2} else 1)
+    # One event per command, saying what its message log says.
+    ours = {c.id: (c, log) for c, log in zip(commands, logs, strict=True)}
+    events = [e for e in await rig.events(len(commands)) if e["data"]["command_id"] in ours]
+    assert sorted(e["data"]["command_id"] for e in events) == sorted(ours)
+    for event in events:
+        command, log = ours[event["data"]["command_id"]]
+        assert event["type"] == f"email.{log['state']}.v1"
+        assert {k: event["data"][k] for k in ("contact_id", "template", "class", "to",
+                                               "message_id", "origin", "reason")} == {
+            "contact_id": command.data["contact_id"], "template": log["template_id"],
+            "class": log["class"], "to": log["to_address"], "message_id": log["message_id"],
+            "origin": log["origin"], "reason": log["reason"]}
+
+
+class HeldRelay:
+    """A relay that keeps each message until released, then accepts it."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def send(self, sender: str, recipient: str, raw: bytes) -> Outcome:
+        del sender, recipient, raw
+        self.arrived.set()
+        await self.release.wait()
+        return Outcome("sent", 250, "2.0.0", "250 2.0.0 Ok: held")
+
+
+async def test_events_name_the_contact_the_message_belongs_to_when_it_is_recorded(
+        rig: Rig) -> None:
+    """A contact merged while its mail is in the SMTP transaction: the sent event names the
+    survivor, as the message log does (the run's own copy of the facts is not trusted)."""
+    merged, survivor = str(uuid.uuid4()), str(uuid.uuid4())
+    address = f"merge.{uuid.uuid4().hex[:6]}@example.de"
+    relays = dict(rig.service.deps.relays) if rig.service.deps else {}
+    held = HeldRelay()
+    assert rig.service.deps is not None
+    rig.service.deps.relays.update({"marketing": held, "transactional": held})  # type: ignore[dict-item]
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            await rig.consent(client, merged)
+            command = await rig.command(to=address, contact_id=merged)
+            await asyncio.wait_for(held.arrived.wait(), 20)
+            now = datetime.now(UTC)
+            await rig.publish("contact-events", Envelope(
+                id=str(uuid.uuid4()), type="contact.merged.v1", workspace="dev",
+                occurred_at=now, received_at=now, producer="scoring",
+                data={"contact_id": survivor, "merged_id": merged, "survivor_id": survivor}))
+            await rig.state(client, survivor, bool)  # the log moved over
+            held.release.set()
+            [log] = await rig.state(client, survivor,
+                                    lambda i: bool(i) and i[0]["state"] == "sent")
+    finally:
+        rig.service.deps.relays.update(relays)
+    assert log["command_id"] == command.id
+    sent = [e for e in await rig.events(1) if e["data"]["command_id"] == command.id
+            and e["type"] == "email.sent.v1"]
+    assert [e["data"]["contact_id"] for e in sent] == [survivor]
+    assert sent[0]["data"]["message_id"] == log["message_id"]
+    assert sent[0]["data"]["origin"] == {"journey_id": "test"}

@@ -12,7 +12,9 @@ given to the template and nothing of Python. Missing values render empty, so
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+import secrets
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from leadwerk_platform.conditions import Condition, all_hold
 
 DEFAULT_LOCALE = "de"
+#: Compiled templates kept at most (then the cache starts afresh).
+CACHE_SIZE = 2000
+#: Stencils kept at most (each holds a rendered mail, about 20 KB).
+STENCILS = 500
+_UNSEEN, _SEEN, _UNUSABLE = object(), object(), object()
 
 
 class _Strict(BaseModel):
@@ -118,11 +125,14 @@ class Renderer:
         self._text.body_width = 0
         self._text.ignore_images = True
         self._text.ignore_tables = True  # MJML lays out with tables: keep only their text
+        #: Per stencil: seen once, unusable, or the pipeline's output for it.
+        self._stencils: dict[tuple[bool, bool, str], tuple[str, str] | object] = {}
+        self._marks = Marks()
 
     def _compiled(self, source: str, *, escape: bool) -> Any:
         key = (escape, source)
         if key not in self._cache:
-            if len(self._cache) > 2000:
+            if len(self._cache) > CACHE_SIZE:
                 self._cache.clear()
             self._cache[key] = (self._html if escape else self._plain).from_string(source)
         return self._cache[key]
@@ -151,17 +161,63 @@ class Renderer:
             # ``body`` is the autoescaped output of the template: safe to place as markup.
             content = Markup(body)  # noqa: S704
             body = self._render(frame.body, {**values, "content": content}, escape=True)
+        derive_text = variant.text is None
+        html, text = self._finish(body, context, mjml=variant.mjml is not None,
+                                  derive_text=derive_text)
+        if not derive_text:
+            text = self._render(str(variant.text), values, escape=False)
+        return Rendered(subject, html, text, locale)
+
+    def _pipeline(self, body: str, *, mjml_body: bool, derive_text: bool) -> tuple[str, str]:
+        """MJML (if it is), CSS inlined, and the text part derived from the HTML."""
         html = body
-        if variant.mjml is not None:
+        if mjml_body:
             try:
                 # No web fonts: a Google Fonts import would tell Google who opened the mail.
                 html = mjml.mjml2html(body, fonts={}, disable_comments=True)
             except Exception as error:
                 raise RenderError(f"MJML: {error}") from error
         html = self._inliner.inline(html)
-        text = self._render(variant.text, values, escape=False) if variant.text is not None \
-            else self._text.handle(html).strip()
-        return Rendered(subject, html, text, locale)
+        return html, self._text.handle(html).strip() if derive_text else ""
+
+    def _finish(self, body: str, context: Mapping[str, Any], *, mjml: bool,
+                derive_text: bool) -> tuple[str, str]:
+        """:meth:`_pipeline` for a rendered body, through a stencil where one is known.
+
+        Most of a personalised mail is the same for every contact: the rendered body differs
+        only where a personal value (a name, an address, a link) stands. The stencil is the
+        body with each such value replaced by a marker; the pipeline's output for the stencil,
+        with the values put back, is the output for the body, because MJML, the CSS inliner and
+        the text conversion copy such text as it is (:func:`stencil` says which values and
+        places qualify). That is checked, not assumed: the second time a stencil is seen (a
+        shape that occurs once is not worth the work), both the body and the stencil go
+        through the pipeline, and the stencil's output is kept only if the two agree;
+        otherwise the stencil is remembered as unusable and such bodies take the pipeline."""
+        found = stencil(body, _personal_values(context), self._marks)
+        if found is None:
+            return self._pipeline(body, mjml_body=mjml, derive_text=derive_text)
+        shape, values = found
+        key = (mjml, derive_text, shape)
+        cached = self._stencils.get(key, _UNSEEN)
+        if isinstance(cached, tuple):
+            return self._marks.fill(cached[0], values), self._marks.fill(cached[1], values)
+        result = self._pipeline(body, mjml_body=mjml, derive_text=derive_text)
+        if cached is _UNSEEN:
+            outcome: tuple[str, str] | object = _SEEN
+        elif cached is _SEEN:
+            try:
+                output = self._pipeline(shape, mjml_body=mjml, derive_text=derive_text)
+            except RenderError:
+                output = ("", "")
+            agrees = (self._marks.fill(output[0], values),
+                      self._marks.fill(output[1], values)) == result
+            outcome = output if agrees else _UNUSABLE
+        else:
+            return result
+        if len(self._stencils) >= STENCILS:
+            self._stencils.clear()
+        self._stencils[key] = outcome
+        return result
 
     def _blocks(self, template: Template, locale: str,
                 values: Mapping[str, Any]) -> dict[str, Markup]:
@@ -211,6 +267,125 @@ class Renderer:
             except RenderError as error:
                 problems.append(Problem(f"locales.{locale}", str(error)))
         return problems
+
+
+#: A personal value that may be stencilled in text: a word starting with a letter, then words
+#: of letters and digits joined by single spaces, dots, commas, hyphens or @. No step of the
+#: pipeline escapes or interprets such text (Markdown escapes in the text part need a digit,
+#: ``-``, ``+`` or a backslash at the start, HTML needs ``&<>"'``).
+_PLAIN = re.compile(r"[^\W\d_][^\W_]*(?:[ .,@-][^\W_]+)*")
+#: A personal value that may be stencilled as a whole link target (``href``, ``src``).
+_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#@!$+,;=%-]+")
+_PIECES = re.compile(r"(<[^>]*>)")
+_LINK_TARGET = re.compile(r"""(\s(?:href|src)\s*=\s*)(["'])([^"'<>]*)\2""", re.IGNORECASE)
+#: Elements whose text is not text (CSS, scripts): never stencilled.
+_RAW = re.compile(r"<(/?)(mj-style|style|script)\b", re.IGNORECASE)
+_MIN_VALUE = 3
+_MAX_VALUES = 50
+
+
+def _personal_values(context: Mapping[str, Any]) -> Iterator[str]:
+    """The strings (and integers) among the values given to a template, nested ones too."""
+    stack: list[Any] = [context]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, str):
+            yield item
+        elif isinstance(item, int) and not isinstance(item, bool):
+            yield str(item)
+
+
+class Marks:
+    """Markers ``lw<nonce>m<number>z``: ASCII letters and digits (MJML escapes other characters
+    in attributes), with a random nonce so that no template text contains one by chance."""
+
+    def __init__(self) -> None:
+        self.prefix = f"lw{secrets.token_hex(8)}m"
+        self._pattern = re.compile(re.escape(self.prefix) + r"(\d+)z")
+
+    def renumber(self, shape: str, values: list[str]) -> tuple[str, list[str]] | None:
+        """The markers of ``shape`` numbered in order of appearance, and the values in that
+        order; ``None`` without any marker."""
+        order: list[str] = []
+        seen: dict[int, int] = {}
+
+        def number(match: re.Match[str]) -> str:
+            first = int(match[1])
+            if first not in seen:
+                seen[first] = len(order)
+                order.append(values[first])
+            return f"{self.prefix}{seen[first]}z"
+
+        renumbered = self._pattern.sub(number, shape)
+        return (renumbered, order) if order else None
+
+    def fill(self, shape: str, values: list[str]) -> str:
+        """A stencil's output with the values back in place of their markers."""
+        return self._pattern.sub(lambda m: values[int(m[1])], shape) \
+            if self.prefix in shape else shape
+
+
+def stencil(body: str, candidates: Iterator[str],
+            marks: Marks) -> tuple[str, list[str]] | None:
+    """``body`` with every qualifying personal value replaced by a marker, and the values in
+    marker order; ``None`` when nothing qualifies. Plain values are replaced in text only (not
+    inside tags, nor in ``<style>`` or ``<mj-style>``) and only as whole words; link values
+    only as the whole target of an ``href`` or ``src``. Markers are numbered in the order they
+    appear, so bodies of the same shape give the same stencil whatever the values."""
+    plain, links = set(), set()
+    for value in candidates:
+        if len(value) < _MIN_VALUE or value not in body:  # most traits are not in the mail
+            continue
+        if _PLAIN.fullmatch(value):
+            plain.add(value)
+        elif _URL.fullmatch(value):
+            links.add(value)
+    if (not plain and not links) or len(plain) + len(links) > _MAX_VALUES:
+        return None
+    words = sorted(plain, key=lambda v: (-len(v), v))  # a longer value before its parts
+    values = [*words, *sorted(links)]
+    number = {value: index for index, value in enumerate(values)}
+
+    def link(match: re.Match[str]) -> str:
+        head, quote, target = match.groups()
+        return f"{head}{quote}{marks.prefix}{number[target]}z{quote}" if target in links \
+            else match[0]
+
+    pieces = _PIECES.split(body)
+    raw = False
+    for index, piece in enumerate(pieces):
+        if index % 2:  # a tag
+            opening = _RAW.match(piece)
+            if opening:
+                raw = not opening[1]
+            elif links:
+                pieces[index] = _LINK_TARGET.sub(link, piece)
+        elif words and not raw and piece:
+            text = piece
+            for value in words:
+                if value in text:
+                    text = _mark_word(text, value, f"{marks.prefix}{number[value]}z")
+            pieces[index] = text
+    return marks.renumber("".join(pieces), values)
+
+
+def _mark_word(text: str, value: str, marker: str) -> str:
+    """``value`` replaced by ``marker`` where it stands as a whole word: not inside a word,
+    not as an entity's name (``&amp;``) or number."""
+    out, start, at = [], 0, text.find(value)
+    while at >= 0:
+        end = at + len(value)
+        before, after = text[at - 1:at], text[end:end + 1]
+        if not (before and (before.isalnum() or before in "_&#")) \
+                and not (after and (after.isalnum() or after in "_;")):
+            out += [text[start:at], marker]
+            start = end
+        at = text.find(value, at + 1)
+    return "".join([*out, text[start:]]) if out else text
 
 
 def parse(document: Mapping[str, Any]) -> tuple[Template | None, list[Problem]]:
