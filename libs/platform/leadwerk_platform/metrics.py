@@ -178,10 +178,12 @@ class GroupMetrics:
 
     def declare(self, topics: Iterable[str]) -> None:
         """Export the record counters at 0 from the start, so that ``increase()`` sees the
-        first dead letter (a series born at 1 shows no increase)."""
+        first dead letter (a series born at 1 shows no increase); the handler duration too,
+        so every group shows the same series before its first batch."""
         for topic in topics:
             self._child(self._metrics.processed, topic)
             self._child(self._metrics.dead_lettered, topic)
+            self._child(self._metrics.handler_duration, topic)
 
     def processed(self, topic: str, count: int = 1) -> None:
         self._child(self._metrics.processed, topic).inc(count)
