@@ -95,6 +95,12 @@ async def _where_to_look(walk: Story, customer: dict[str, Any]) -> None:
 async def main() -> int:
     platform = platform_from_environment()
     down = await platform_is_up(platform)
+    deadline = asyncio.get_running_loop().time() + 90
+    if down:  # just started? Consumer groups take a while to join.
+        sys.stdout.write(f"{_DIM}waiting for {', '.join(down)} to be ready …{_RESET}\n")
+    while down and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(2)
+        down = await platform_is_up(platform)
     if down:
         sys.stderr.write("not running: " + ", ".join(down) +
                          "\nstart the platform first (`make run` in another terminal), then "
