@@ -377,9 +377,8 @@ class Delivery:
         this run still holds the claim (a slow run may have lost one to the retry worker,
         which now delivers it). Returns the jobs started and the records left out."""
         now = self._deps.clock()
-        topic = self._deps.settings.topic("email-events")
-        events = [_event(finish, {"command_id": job.command_id, **job.facts()}, now)
-                  for job, finish in records]
+        events = [self._outgoing(_event(finish, {"command_id": job.command_id, **job.facts()},
+                                        now)) for job, finish in records]
         row = await connection.fetchrow(
             "WITH finished AS (UPDATE messages m SET state = u.state, reason = u.reason, "
             "smtp_code = u.code, status = u.status, updated_at = $1, "
@@ -407,9 +406,9 @@ class Delivery:
             [f.state for _, f in records], [f.reason for _, f in records],
             [f.outcome.code if f.outcome is not None else None for _, f in records],
             [f.outcome.status if f.outcome is not None else None for _, f in records],
-            [f.next_attempt_at for _, f in records], OUTBOX_STREAM, topic,
-            [f"{e.workspace}:{e.data['contact_id']}".encode() for e in events],
-            [encode(e) for e in events],
+            [f.next_attempt_at for _, f in records], OUTBOX_STREAM,
+            self._deps.settings.topic("email-events"), [e.key for e in events],
+            [e.value for e in events],
             [j.command_id for j in launch], [j.template_version for j in launch],
             [self._message_id(j.command_id) for j in launch], claim)
         finished, ours = set(row["finished"]), set(row["started"])
@@ -600,16 +599,16 @@ class Delivery:
             [f.outcome.status if f.outcome is not None else None for f in finishes],
             [f.next_attempt_at for f in finishes], now)
         found = {r["command_id"]: r for r in rows}
-        topic = self._deps.settings.topic("email-events")
-        events = []
-        for finish in finishes:
-            row = found.get(finish.command_id)
-            if row is not None:
-                envelope = _event(finish, {**row, "origin": orjson.loads(row["origin"])
-                                           if row["origin"] else None}, now)
-                events.append(OutgoingMessage(
-                    topic, f"{row['workspace']}:{row['contact_id']}".encode(), encode(envelope)))
+        events = [self._outgoing(_event(finish, {**row, "origin": orjson.loads(row["origin"])
+                                                 if row["origin"] else None}, now))
+                  for finish in finishes if (row := found.get(finish.command_id)) is not None]
         await add_to_outbox(connection, OUTBOX_STREAM, events)
+
+    def _outgoing(self, event: Message) -> OutgoingMessage:
+        """An email event for the outbox, keyed by its contact like every contact stream."""
+        return OutgoingMessage(self._deps.settings.topic("email-events"),
+                               f"{event.workspace}:{event.data['contact_id']}".encode(),
+                               encode(event))
 
     async def report(self, workspace: str, bounces: Sequence[Bounce]) -> list[dict[str, Any]]:
         """Bounces and complaints reported after sending (a DSN, a provider webhook): the

@@ -131,7 +131,7 @@ class ConsumerRuntime:
         await consumer.start()
         self._consumer = consumer
         self._metrics.set_running(True)
-        lag = asyncio.create_task(report_lag(_ConsumerOffsets(consumer), self._metrics,
+        lag = asyncio.create_task(report_lag(ConsumerOffsets(consumer), self._metrics,
                                              self._policy.lag_interval))
         try:
             while not self._stopping.is_set():
@@ -349,10 +349,11 @@ class PartitionOffsets(Protocol):
     async def beginning_offsets(self, partitions: list[Any]) -> Mapping[Any, int]: ...
 
 
-class _ConsumerOffsets:
-    """:class:`PartitionOffsets` of a plain aiokafka consumer (all public API)."""
+class ConsumerOffsets:
+    """:class:`PartitionOffsets` of a plain aiokafka consumer (all public API); faust's
+    consumer shares the assignment and high-water calls (``streams``)."""
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: Any) -> None:
         self._consumer = consumer
 
     def assignment(self) -> Collection[Any]:

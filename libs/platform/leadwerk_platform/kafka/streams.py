@@ -23,7 +23,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from prometheus_client import CollectorRegistry
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
 from leadwerk_platform.kafka.config import FETCH_MAX_WAIT_MS
 from leadwerk_platform.kafka.consumer import (
+    ConsumerOffsets,
     ConsumerPolicy,
     DeadLetters,
     report_lag,
@@ -60,21 +61,10 @@ class _Consumer(faust_aiokafka.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
-class _FaustOffsets:
-    """:class:`~.consumer.PartitionOffsets` of a faust consumer: its assignment, end offsets
-    fetched by its consumer thread, and the committed offsets faust keeps (read at assignment,
-    updated on each commit)."""
-
-    def __init__(self, consumer: Any) -> None:
-        self._consumer = consumer
-
-    def assignment(self) -> Collection[Any]:
-        assigned: Collection[Any] = self._consumer.assignment()
-        return assigned
-
-    def highwater(self, partition: Any) -> int | None:
-        highwater: int | None = self._consumer.highwater(partition)
-        return highwater
+class _FaustOffsets(ConsumerOffsets):
+    """:class:`~.consumer.PartitionOffsets` of a faust consumer: its assignment and high
+    waters as aiokafka's, end offsets fetched by its consumer thread, and the committed
+    offsets faust keeps (read at assignment, updated on each commit)."""
 
     async def end_offsets(self, partitions: list[Any]) -> Mapping[Any, int]:
         # faust calls them high waters; its consumer thread asks ListOffsets(latest).
