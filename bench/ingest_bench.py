@@ -342,7 +342,9 @@ class Bench:
             return command, "python (constant rate)"
         return command, "python"
 
-    def run(self, scenario: Scenario) -> Measurement:
+    def run(self, scenario: Scenario, connections: int | None = None) -> Measurement:
+        """One measurement; closed-loop runs probe for the best connection count unless
+        ``connections`` is given."""
         print(f"→ {scenario.label} …", flush=True)
         args = self.args
         with self.server(scenario) as (port, pid):
@@ -359,7 +361,7 @@ class Bench:
                                                    for c in cpu)
                 return self._finish(scenario, name, conns, result, args.duration,
                                     gen_cpu, server_cpu, broker_cpu)
-            levels = self.levels(scenario)
+            levels = [connections] if connections else self.levels(scenario)
             rates: dict[int, float] = {}
             if len(levels) > 1:  # find the connection count that saturates this server
                 for level in levels:
@@ -583,6 +585,12 @@ def _levels_text(levels: str) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def note_lines(measurements: list[Measurement]) -> list[str]:
+    """What a row's numbers alone do not say (failures, an offered rate not served, rounds)."""
+    lines = [f"- {m.scenario.label}: {'; '.join(m.notes)}" for m in measurements if m.notes]
+    return ["Notes:", "", *lines, ""] if lines else []
+
+
 def probe_lines(measurements: list[Measurement]) -> list[str]:
     """Which connection count each closed-loop row was measured with, and why."""
     lines = [f"- {m.scenario.label}: " + ", ".join(f"{level} → {rate:,.0f}"
@@ -596,6 +604,7 @@ def probe_lines(measurements: list[Measurement]) -> list[str]:
 
 @dataclass
 class Verdict:
+    key: str  # the measurement judged: ingest_single, ingest_latency or ingest_batch
     target: str
     measured: str
     passed: bool
@@ -606,7 +615,8 @@ def verdicts(by_key: dict[str, Measurement]) -> list[Verdict]:
     single, produce = by_key.get("ingest_single"), by_key.get("baseline_produce")
     if single and produce:
         ratio = single.req_s / produce.req_s
-        out.append(Verdict(f"single events ≥ {SINGLE_VS_PRODUCE:.0%} of baseline B req/s",
+        out.append(Verdict("ingest_single",
+                           f"single events ≥ {SINGLE_VS_PRODUCE:.0%} of baseline B req/s",
                            f"{single.req_s:,.0f} / {produce.req_s:,.0f} req/s = {ratio:.0%}",
                            ratio >= SINGLE_VS_PRODUCE and not single.failures))
     latency = by_key.get("ingest_latency")
@@ -614,41 +624,39 @@ def verdicts(by_key: dict[str, Measurement]) -> list[Verdict]:
         p99 = float(latency.result["p99_ms"])
         rate = latency.scenario.rate or 0
         ok = (p99 < P99_LIMIT_MS and not latency.failures and latency.req_s >= 0.97 * rate)
-        out.append(Verdict(f"p99 < {P99_LIMIT_MS:.0f} ms at half load",
+        out.append(Verdict("ingest_latency", f"p99 < {P99_LIMIT_MS:.0f} ms at half load",
                            f"p99 {p99:.1f} ms (p50 {float(latency.result['p50_ms']):.1f} ms) "
                            f"at {rate:,.0f} req/s", ok))
     batch, produce_batch = by_key.get("ingest_batch"), by_key.get("baseline_batch")
     if batch and produce_batch:
         ratio = batch.events_s / produce_batch.events_s
-        out.append(Verdict(f"batch of 100 ≥ {BATCH_VS_PRODUCE:.0%} of baseline C events/s",
+        out.append(Verdict("ingest_batch",
+                           f"batch of 100 ≥ {BATCH_VS_PRODUCE:.0%} of baseline C events/s",
                            f"{batch.events_s:,.0f} / {produce_batch.events_s:,.0f} events/s = "
                            f"{ratio:.0%}", ratio >= BATCH_VS_PRODUCE and not batch.failures))
     return out
 
 
-def headline(by_key: dict[str, Measurement]) -> list[Figure]:
-    """The figures docs/benchmarks.md shows, each with its same-run baseline."""
+def headline(by_key: dict[str, Measurement], checks: list[Verdict]) -> list[Figure]:
+    """The figures docs/benchmarks.md shows, each with its same-run baseline, judged as
+    :func:`verdicts` judged them."""
+    passed = {check.key: check.passed for check in checks}
     out: list[Figure] = []
     single, produce = by_key.get("ingest_single"), by_key.get("baseline_produce")
     if single and produce:
         out.append(Figure("POST /v1/track, single events", single.req_s, "req/s",
-                          f"≥ {SINGLE_VS_PRODUCE:.0%} of baseline",
-                          single.req_s >= SINGLE_VS_PRODUCE * produce.req_s
-                          and not single.failures,
+                          f"≥ {SINGLE_VS_PRODUCE:.0%} of baseline", passed["ingest_single"],
                           "bare produce, one event per request", produce.req_s))
     batch, produce_batch = by_key.get("ingest_batch"), by_key.get("baseline_batch")
     if batch and produce_batch:
         out.append(Figure("POST /v1/batch, 100 events", batch.events_s, "events/s",
-                          f"≥ {BATCH_VS_PRODUCE:.0%} of baseline",
-                          batch.events_s >= BATCH_VS_PRODUCE * produce_batch.events_s
-                          and not batch.failures,
+                          f"≥ {BATCH_VS_PRODUCE:.0%} of baseline", passed["ingest_batch"],
                           "bare produce, 100 events per request", produce_batch.events_s))
     latency, bare = by_key.get("ingest_latency"), by_key.get("baseline_produce_latency")
     if latency:
         p99 = float(latency.result["p99_ms"])
         out.append(Figure(f"p99 latency at half load ({latency.scenario.rate or 0:,.0f} req/s)",
-                          p99, "ms", f"< {P99_LIMIT_MS:.0f} ms",
-                          p99 < P99_LIMIT_MS and not latency.failures,
+                          p99, "ms", f"< {P99_LIMIT_MS:.0f} ms", passed["ingest_latency"],
                           "bare produce at the same rate",
                           float(bare.result["p99_ms"]) if bare else None,
                           lower_is_better=True))
@@ -692,6 +700,7 @@ def render_doc(facts: dict[str, str], args: argparse.Namespace, generator: str, 
         "",
         *results_table(measurements),
         "",
+        *note_lines(measurements),
         *probe_lines(measurements),
         "req/s and events/s count only 2xx answers' requests completed in the measured window; "
         "`failed` counts non-2xx answers, socket errors and timeouts (must be 0 for a row to "
@@ -778,6 +787,33 @@ def render_doc(facts: dict[str, str], args: argparse.Namespace, generator: str, 
     return "\n".join(lines)
 
 
+#: The pair whose ratio is the single-event target, measured in alternating rounds.
+PAIRED = ("baseline_produce", "ingest_single")
+
+
+def alternate_rounds(bench: Bench, measurements: list[Measurement],
+                     rounds: int) -> list[Measurement]:
+    """Measure baseline B and ingest's single events ``rounds - 1`` more times, alternately,
+    at the connection counts their probes chose, and keep each one's median run: on a shared
+    machine one run of either can be off by a third (a lucky baseline or a lucky ingest
+    run decided the verdict before)."""
+    first = {m.scenario.key: m for m in measurements if m.scenario.key in PAIRED}
+    if rounds < 2 or len(first) < len(PAIRED):
+        return measurements
+    runs = {key: [first[key]] for key in PAIRED}
+    for _ in range(rounds - 1):
+        for key in PAIRED:
+            runs[key].append(bench.run(first[key].scenario, first[key].connections))
+    median: dict[str, Measurement] = {}
+    for key, taken in runs.items():
+        ordered = sorted(taken, key=lambda m: m.req_s)
+        chosen = median[key] = ordered[len(ordered) // 2]
+        chosen.probe = first[key].probe
+        chosen.notes.append("median of {} alternating runs: {} req/s".format(
+            len(taken), ", ".join(f"{m.req_s:,.0f}" for m in taken)))
+    return [median.get(m.scenario.key, m) for m in measurements]
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
@@ -799,6 +835,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=None,
                         help="constant rate for the latency runs (default: half of ingest's "
                              "measured max single-event req/s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating runs of baseline B and ingest single events; the "
+                             "median of each is reported")
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--visitors", type=int, default=5000, help="distinct anonymousIds")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
@@ -865,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in throughput:
             if wanted is None or scenario.key in wanted:
                 measurements.append(bench.run(scenario))
+        measurements = alternate_rounds(bench, measurements, args.rounds)
         by_key = {m.scenario.key: m for m in measurements}
         if args.rate is None and "ingest_single" not in by_key:
             raise SystemExit("--only without ingest_single needs --rate")
@@ -903,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = verdicts({m.scenario.key: m for m in measurements})
     print()
     print("\n".join(results_table(measurements)))
+    print("\n".join(note_lines(measurements)))
     print()
     for verdict in checks:
         print(f"{'PASS' if verdict.passed else 'FAIL'}  {verdict.target}: {verdict.measured}")
@@ -910,7 +951,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(text)
     if not (args.no_doc or args.only):
-        record("ingest", headline({m.scenario.key: m for m in measurements}), facts)
+        record("ingest", headline({m.scenario.key: m for m in measurements}, checks), facts)
         DOC.write_text(render_doc(facts, args, generator, broker, measurements, checks,
                                   started, time.monotonic() - clock), encoding="utf-8")
         print(f"\nwrote {DOC.relative_to(ROOT)}")

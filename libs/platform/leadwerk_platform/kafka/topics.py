@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
+from leadwerk_platform.kafka.config import connection_options
 from leadwerk_platform.registry import ContractRegistry, Topic
 from leadwerk_platform.settings import PlatformSettings
 
@@ -33,7 +34,7 @@ async def provision_topics(settings: PlatformSettings, registry: ContractRegistr
     ``replication_factor`` overrides the registry's (1 for a single embedded broker); topic
     configs that need several replicas (``min.insync.replicas``) are dropped with it.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
+    admin = AIOKafkaAdminClient(**connection_options(settings),
                                 client_id="leadwerk-provisioner")
     await admin.start()
     try:
