@@ -25,7 +25,14 @@ from leadwerk_mailer.consumers import (
     CommandHandler,
     ConsentHandler,
 )
-from leadwerk_mailer.delivery import OUTBOX_STREAM, Delivery, Deps, RetryWorker, suppress
+from leadwerk_mailer.delivery import (
+    OUTBOX_STREAM,
+    Delivery,
+    Deps,
+    RetryWorker,
+    release_held,
+    suppress,
+)
 from leadwerk_mailer.domain.bounces import BounceFormatError, parse_dsn, parse_webhook
 from leadwerk_mailer.domain.message import Envelope, build
 from leadwerk_mailer.domain.policy import valid_address
@@ -324,6 +331,11 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
                     change.text_version, mailer.clock())
             except asyncpg.DataError as error:
                 raise HTTPException(422, "contact_id is not a contact id") from error
+            released = await release_held(connection, workspace, contact_id) \
+                if change.purpose == "marketing" and change.action == "granted" else []
+        if released:  # mail held for a double opt-in the CRM has now granted
+            assert mailer.delivery is not None  # noqa: S101 - set in start
+            await mailer.delivery.deliver_many(released)
         return await consents(contact_id, workspace)
 
     @router.post("/bounces", summary="Asynchronous bounces and complaints: an RFC 3464 DSN "

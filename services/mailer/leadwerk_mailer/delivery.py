@@ -46,7 +46,7 @@ import orjson
 from leadwerk_mailer.config import WorkspaceMail
 from leadwerk_mailer.domain.bounces import Bounce
 from leadwerk_mailer.domain.message import DkimSigner, Envelope, add_pixel, build, track_links
-from leadwerk_mailer.domain.policy import refusal, split_address
+from leadwerk_mailer.domain.policy import ALLOWING, refusal, split_address
 from leadwerk_mailer.domain.templates import Renderer, RenderError
 from leadwerk_mailer.metrics import MailerMetrics
 from leadwerk_mailer.settings import MailerSettings
@@ -356,6 +356,10 @@ class Delivery:
         del run.decided[:decided]
         run.sent.clear()
         run.to_compose.extend(allowed)
+        if held := [f.command_id for _, f in records if f.state == "held"]:
+            # A confirmation logged after this claim read "pending" found nothing held to
+            # release: those messages go on now.
+            run.waiting.extend(await release_confirmed(connection, held))
         for _, finish in records:
             run.states[finish.command_id] = finish.state
             self._deps.metrics.outcomes.labels(finish.state).inc()
@@ -686,6 +690,19 @@ async def release_held(connection: Connection, workspace: str, contact_id: str) 
         "UPDATE messages SET state = 'received', next_attempt_at = NULL WHERE workspace = $1 "
         "AND contact_id = $2 AND state = 'held' RETURNING command_id::text AS command_id",
         workspace, contact_id)
+    return [r["command_id"] for r in rows]
+
+
+async def release_confirmed(connection: Connection, command_ids: list[str]) -> list[str]:
+    """Of the messages just recorded ``held``, those whose contact's marketing consent is
+    confirmed by now: back to ``received``. With :func:`release_held` (which runs after the
+    confirmation is logged) every held message is released by one of the two."""
+    rows = await connection.fetch(
+        "UPDATE messages m SET state = 'received', next_attempt_at = NULL "
+        "WHERE m.command_id = ANY($1::uuid[]) AND m.state = 'held' AND (SELECT c.action "
+        "FROM consent_log c WHERE c.workspace = m.workspace AND c.contact_id = m.contact_id "
+        "AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1) = ANY($2::text[]) "
+        "RETURNING m.command_id::text AS command_id", command_ids, sorted(ALLOWING))
     return [r["command_id"] for r in rows]
 
 

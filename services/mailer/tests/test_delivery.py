@@ -26,10 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from leadwerk_ingest.api import create_app as create_ingest
 from leadwerk_ingest.settings import IngestSettings
 from leadwerk_mailer.api import Mailer, create_app
+from leadwerk_mailer.consumers import ConsentHandler
 from leadwerk_mailer.settings import MailerSettings
 from leadwerk_mailer.transport import Outcome
 from leadwerk_platform.embedded import free_port
 from leadwerk_platform.envelope import Envelope, encode
+from leadwerk_platform.kafka.consumer import ConsumedMessage
 from leadwerk_platform.kafka.topics import provision_topics
 from leadwerk_platform.registry import ContractRegistry
 from leadwerk_platform.settings import DEVELOPMENT_ADMIN_TOKEN, repository_root
@@ -325,6 +327,71 @@ async def test_double_opt_in_holds_marketing_until_confirmed(rig: Rig) -> None:
         # … and scoring turns it into this activity:
         await rig.publish("contact-events", activity("optin_confirmed", {
             "purpose": "marketing", "consent_text_version": "2026-11-de-1"}))
+        await rig.state(client, contact_id, lambda i: any(
+            m["command_id"] == welcome.id and m["state"] == "sent" for m in i))
+    assert [m["Subject"] for m in rig.sink.to(address)] == [
+        "Bitte bestätigen Sie Ihre Anmeldung", "Willkommen, Anna!"]
+
+
+def consent_activity(contact_id: str, kind: str, properties: dict[str, Any]) -> ConsumedMessage:
+    """A contact activity as the consent consumer receives it from contact-events."""
+    now = datetime.now(UTC)
+    envelope = Envelope(id=str(uuid.uuid4()), type="contact.activity.v1", workspace="dev",
+                        occurred_at=now, received_at=now, producer="scoring",
+                        data={"contact_id": contact_id, "known": True, "kind": kind,
+                              "name": None, "session": None, "properties": properties})
+    return ConsumedMessage("contact-events", 0, 0, None, encode(envelope), [], envelope)
+
+
+async def test_a_confirmation_during_the_consent_check_still_releases_the_mail(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The double opt-in is confirmed after the command's claim read "pending" but before
+    that claim recorded the mail as held: the consent consumer finds nothing held to
+    release, so the run that holds it must see the confirmation itself."""
+    contact_id, address = str(uuid.uuid4()), f"race.{uuid.uuid4().hex[:6]}@example.de"
+    service = rig.service
+    assert service.deps is not None
+    assert service.delivery is not None
+    consent = ConsentHandler(service.deps, service.delivery)
+    await consent(consent_activity(contact_id, "form_submitted", {
+        "form_id": "ebook-download", "email": address,
+        "consents": [{"purpose": "marketing", "given": True, "double_opt_in": True}]}))
+    record = service.delivery._record
+    confirmed: list[str] = []
+
+    async def confirmed_meanwhile(connection: Any, claim: Any, records: Any,
+                                  launch: Any) -> Any:
+        if not confirmed and any(f.state == "held" for _, f in records):
+            confirmed.append("now")
+            await consent(consent_activity(contact_id, "optin_confirmed",
+                                           {"purpose": "marketing"}))
+        return await record(connection, claim, records, launch)
+
+    monkeypatch.setattr(service.delivery, "_record", confirmed_meanwhile)
+    welcome = await rig.command(to=address, contact_id=contact_id)
+    async with httpx.AsyncClient(timeout=10) as client:
+        items = await rig.state(client, contact_id, lambda i: any(
+            m["command_id"] == welcome.id and m["state"] in {"sent", "suppressed"} for m in i))
+    assert confirmed == ["now"]
+    assert [(m["state"], m["reason"]) for m in items if m["command_id"] == welcome.id] == [
+        ("sent", None)]
+    assert [m["Subject"] for m in rig.sink.to(address)] == [
+        "Bitte bestätigen Sie Ihre Anmeldung", "Willkommen, Anna!"]
+
+
+async def test_consent_granted_by_the_crm_releases_held_mail(rig: Rig) -> None:
+    contact_id, address = str(uuid.uuid4()), f"crm.{uuid.uuid4().hex[:6]}@example.de"
+    service = rig.service
+    assert service.deps is not None
+    assert service.delivery is not None
+    await ConsentHandler(service.deps, service.delivery)(consent_activity(
+        contact_id, "form_submitted", {"form_id": "ebook-download", "email": address,
+                                       "consents": [{"purpose": "marketing", "given": True}]}))
+    async with httpx.AsyncClient(timeout=10) as client:
+        welcome = await rig.command(to=address, contact_id=contact_id)
+        await rig.state(client, contact_id, lambda i: any(
+            m["command_id"] == welcome.id and m["state"] == "held" for m in i))
+        await rig.consent(client, contact_id)  # confirmed by phone, recorded from the CRM
         await rig.state(client, contact_id, lambda i: any(
             m["command_id"] == welcome.id and m["state"] == "sent" for m in i))
     assert [m["Subject"] for m in rig.sink.to(address)] == [
