@@ -155,8 +155,24 @@ class Story:
         async def arrived() -> EmailMessage | None:
             return next((m for m in self.mails(to) if matches(m)), None)
 
-        return await self.until(arrived, f"a mail to {to} about {subject!r}",
-                                lambda: [str(m["Subject"]) for m in self.mails(to)])
+        try:
+            return await self.until(arrived, f"a mail to {to} about {subject!r}",
+                                    lambda: [str(m["Subject"]) for m in self.mails(to)])
+        except StoryError as error:
+            raise StoryError(f"{error}; the mailer's log for the contact: "
+                             f"{await self.message_log()}") from None
+
+    async def message_log(self) -> list[tuple[str, str, str | None]] | str:
+        """The mailer's message log for the contact: template, state and reason."""
+        if not self.contact_id:
+            return "no contact yet"
+        response = await self.client.get(
+            f"{self.platform.mailer}/api/contacts/{self.contact_id}/messages",
+            headers=self.platform.admin)
+        if response.status_code != 200:
+            return f"not readable ({response.status_code})"
+        return [(str(m.get("template_id")), str(m.get("state")), m.get("reason"))
+                for m in response.json()["items"]]
 
     async def until(self, probe: Callable[[], Awaitable[T | None]], what: str,
                     last: Callable[[], Any] | None = None) -> T:

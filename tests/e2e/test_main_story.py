@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.story import Platform, story
+from demo.story import Platform, StoryError, story
 from leadwerk_crm_bridge.deliveries import webhook_secrets
 from leadwerk_crm_bridge.settings import BridgeSettings
 from leadwerk_platform.embedded import free_port
@@ -51,7 +51,11 @@ async def test_from_blog_reader_to_customer(local_stack: LocalStack, receiver_po
         receiver_port=receiver_port, timeout=90)
     narration: list[str] = []
     async with story(platform, narration.append) as walk:
-        customer = await walk.walk()
+        try:
+            customer = await walk.walk()
+        except StoryError as error:
+            pytest.fail(f"{error}\n--- the story so far ---\n" + "\n".join(narration)
+                        + f"\n--- the stack's log, last lines ---\n{local_stack.tail()}")
         # No marketing mail before the confirmation: the opt-in mail came first, alone.
         mails = walk.mails(walk.address)
         assert [str(m["Subject"]) for m in mails][:2] == [

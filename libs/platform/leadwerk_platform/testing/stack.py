@@ -29,6 +29,10 @@ class LocalStack:
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
 
+    def tail(self, lines: int = 150) -> str:
+        """The end of the stack's log, for a failing test's report."""
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
     def wait_ready(self, *services: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         for service in services or tuple(self.ports):
