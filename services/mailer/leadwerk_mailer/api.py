@@ -331,9 +331,8 @@ def _router(mailer: Mailer, settings: MailerSettings) -> APIRouter:  # noqa: PLR
                     change.text_version, mailer.clock())
             except asyncpg.DataError as error:
                 raise HTTPException(422, "contact_id is not a contact id") from error
-            released = await release_held(connection, workspace, contact_id) \
-                if change.purpose == "marketing" and change.action == "granted" else []
-        if released:  # mail held for a double opt-in the CRM has now granted
+            released = await release_held(connection, workspace, contact_id)
+        if released:  # mail held for a consent is checked again
             assert mailer.delivery is not None  # noqa: S101 - set in start
             await mailer.delivery.deliver_many(released)
         return await consents(contact_id, workspace)

@@ -74,10 +74,6 @@ class ConsentHandler:
                 await self._log(event, str(data.get("contact_id")), [(
                     str((data.get("properties") or {}).get("purpose") or "marketing"),
                     "confirmed", _text_version(data))])
-                async with self._deps.pool.acquire() as connection:
-                    released = await release_held(connection, event.workspace,
-                                                  str(data.get("contact_id")))
-                await self._delivery.deliver_many(released)
             case "contact.activity.v1", "unsubscribed":
                 await self._unsubscribed(event)
             case "contact.merged.v1", _:
@@ -173,23 +169,28 @@ class ConsentHandler:
 
     async def _log(self, event: Envelope, contact_id: str,
                    entries: list[tuple[str, str, Any]], source: str | None = None) -> bool:
-        """Append to the consent log once per event; ``False`` when already logged."""
+        """Append to the consent log once per event (``False`` when already logged), then
+        check the contact's held mail again."""
         properties = event.data.get("properties") or {}
         async with self._deps.pool.acquire() as connection, connection.transaction():
             fresh = await connection.fetchval(
                 "INSERT INTO consent_events (event_id) VALUES ($1) ON CONFLICT DO NOTHING "
                 "RETURNING true", event.id)
-            if not fresh:
-                return False
-            await connection.executemany(
-                "INSERT INTO consent_log (workspace, contact_id, purpose, action, source, "
-                "text_version, ip, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                [(event.workspace, contact_id, purpose, action,
-                  source or f"email:{properties.get('email_message_id')}",
-                  None if version is None else str(version),
-                  properties.get("client.ip") or properties.get("ip"),
-                  event.occurred_at) for purpose, action, version in entries])
-        return True
+            if fresh:
+                await connection.executemany(
+                    "INSERT INTO consent_log (workspace, contact_id, purpose, action, source, "
+                    "text_version, ip, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    [(event.workspace, contact_id, purpose, action,
+                      source or f"email:{properties.get('email_message_id')}",
+                      None if version is None else str(version),
+                      properties.get("client.ip") or properties.get("ip"),
+                      event.occurred_at) for purpose, action, version in entries])
+        # Mail held for a consent is checked again (also when this event was logged before
+        # a crash that came before its release).
+        async with self._deps.pool.acquire() as connection:
+            released = await release_held(connection, event.workspace, contact_id)
+        await self._delivery.deliver_many(released)
+        return bool(fresh)
 
 
 def _text_version(data: dict[str, Any]) -> str | None:

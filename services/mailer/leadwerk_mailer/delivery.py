@@ -46,7 +46,7 @@ import orjson
 from leadwerk_mailer.config import WorkspaceMail
 from leadwerk_mailer.domain.bounces import Bounce
 from leadwerk_mailer.domain.message import DkimSigner, Envelope, add_pixel, build, track_links
-from leadwerk_mailer.domain.policy import ALLOWING, refusal, split_address
+from leadwerk_mailer.domain.policy import refusal, split_address
 from leadwerk_mailer.domain.templates import Renderer, RenderError
 from leadwerk_mailer.metrics import MailerMetrics
 from leadwerk_mailer.settings import MailerSettings
@@ -213,6 +213,7 @@ class Delivery:
         #: Claimed per wave when a run's backlog runs short: enough to keep the window full.
         self._claim_size = 2 * deps.settings.smtp_pool_size
         self._publish_due = 0.0
+        self._grace = timedelta(seconds=deps.settings.consent_grace_seconds)
         #: Woken when a message is deferred or held, so its retry is timed from now.
         self.retries: DueTimer | None = None
 
@@ -357,9 +358,9 @@ class Delivery:
         run.sent.clear()
         run.to_compose.extend(allowed)
         if held := [f.command_id for _, f in records if f.state == "held"]:
-            # A confirmation logged after this claim read "pending" found nothing held to
-            # release: those messages go on now.
-            run.waiting.extend(await release_confirmed(connection, held))
+            # A consent logged after this claim read the log found nothing held to release:
+            # those messages are checked again now.
+            run.waiting.extend(await release_changed(connection, held))
         for _, finish in records:
             run.states[finish.command_id] = finish.state
             self._deps.metrics.outcomes.labels(finish.state).inc()
@@ -468,11 +469,14 @@ class Delivery:
         for job, verdict in zip(jobs, verdicts, strict=True):
             reason = refusal(job.command, now, require_consent=self._deps.settings.require_consent,
                              suppression=verdict["suppression"], consent=verdict["consent"])
-            if reason == "consent_pending" and now < (hold_until := _hold_until(job.command)):
-                # Double opt-in not confirmed yet: hold the mail; the confirmation releases
-                # it, and at ``not_after`` (or after 7 days) it is suppressed.
+            hold_until = _hold_until(job.command, reason, verdict["consent"], self._grace)
+            if reason is not None and hold_until is not None and now < hold_until:
+                # Double opt-in not confirmed yet (or no consent on record yet): hold the
+                # mail; the consent releases it, and at ``not_after`` (or after 7 days; with
+                # no consent at all after the grace period) it is checked again.
+                held = "consent_unknown" if verdict["consent"] is None else reason
                 refused.append((job, Finish(
-                    job.command_id, "held", reason=reason, event="deferred",
+                    job.command_id, "held", reason=held, event="deferred",
                     next_attempt_at=hold_until,
                     extra={"next_attempt_at": format_timestamp(hold_until)})))
             elif reason is not None:
@@ -677,15 +681,24 @@ def address_digest(address: str) -> str:
                                       ).hexdigest()
 
 
-def _hold_until(command: dict[str, Any]) -> datetime:
+def _hold_until(command: dict[str, Any], reason: str | None, consent: str | None,
+                grace: timedelta) -> datetime | None:
+    """Until when a refused command is held for a consent that may still come (``None``:
+    it is not): a pending double opt-in until ``not_after`` or 7 days, a contact with no
+    consent on record for the grace period."""
+    received = datetime.fromisoformat(str(command["received_at"]))
     not_after = command.get("not_after")
-    if isinstance(not_after, str):
-        return datetime.fromisoformat(not_after)
-    return datetime.fromisoformat(str(command["received_at"])) + HOLD_FOR
+    until = datetime.fromisoformat(not_after) if isinstance(not_after, str) else None
+    if reason == "consent_pending":
+        return until or received + HOLD_FOR
+    if reason == "no_consent" and consent is None and grace:
+        return min(until, received + grace) if until else received + grace
+    return None
 
 
 async def release_held(connection: Connection, workspace: str, contact_id: str) -> list[str]:
-    """Mail held for a double opt-in: back to ``received`` once it is confirmed."""
+    """Mail held for a consent: back to ``received`` (to be checked again) once the contact's
+    consent changes."""
     rows = await connection.fetch(
         "UPDATE messages SET state = 'received', next_attempt_at = NULL WHERE workspace = $1 "
         "AND contact_id = $2 AND state = 'held' RETURNING command_id::text AS command_id",
@@ -693,16 +706,18 @@ async def release_held(connection: Connection, workspace: str, contact_id: str) 
     return [r["command_id"] for r in rows]
 
 
-async def release_confirmed(connection: Connection, command_ids: list[str]) -> list[str]:
-    """Of the messages just recorded ``held``, those whose contact's marketing consent is
-    confirmed by now: back to ``received``. With :func:`release_held` (which runs after the
-    confirmation is logged) every held message is released by one of the two."""
+async def release_changed(connection: Connection, command_ids: list[str]) -> list[str]:
+    """Of the messages just recorded ``held``, those whose contact's marketing consent has
+    changed since the check: back to ``received``, to be checked again. With
+    :func:`release_held` (which runs after each consent is logged) every held message is
+    released by one of the two, however the consent and the check interleave."""
     rows = await connection.fetch(
         "UPDATE messages m SET state = 'received', next_attempt_at = NULL "
         "WHERE m.command_id = ANY($1::uuid[]) AND m.state = 'held' AND (SELECT c.action "
         "FROM consent_log c WHERE c.workspace = m.workspace AND c.contact_id = m.contact_id "
-        "AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1) = ANY($2::text[]) "
-        "RETURNING m.command_id::text AS command_id", command_ids, sorted(ALLOWING))
+        "AND c.purpose = 'marketing' ORDER BY c.id DESC LIMIT 1) IS DISTINCT FROM "
+        "CASE WHEN m.reason = 'consent_pending' THEN 'pending' END "
+        "RETURNING m.command_id::text AS command_id", command_ids)
     return [r["command_id"] for r in rows]
 
 

@@ -44,6 +44,10 @@ class MailerSettings(PlatformSettings):
     #: Marketing email only to contacts whose marketing consent is recorded (and confirmed
     #: where double opt-in applies). Off only for tests of other parts.
     require_consent: bool = Field(True, alias="LEADWERK_MAILER_REQUIRE_CONSENT")
+    #: Marketing mail for a contact with no consent on record waits this long for one: the
+    #: form that gives consent also starts journeys, and their mail can overtake the consent.
+    consent_grace_seconds: float = Field(300.0, alias="LEADWERK_MAILER_CONSENT_GRACE_SECONDS",
+                                         ge=0)
 
     def dkim_key(self) -> bytes | None:
         if self.dkim_private_key_file is not None:

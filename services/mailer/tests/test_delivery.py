@@ -170,6 +170,8 @@ async def rig(infrastructure: Infrastructure,
         "LEADWERK_DKIM_DOMAIN": "leadwerk.test", "LEADWERK_DKIM_SELECTOR": "lw1",
         "LEADWERK_DKIM_PRIVATE_KEY": private,
         "LEADWERK_MAILER_RETRY_BASE_SECONDS": "0.3",
+        # No consent on record: suppressed at once (the tests of the grace period set it).
+        "LEADWERK_MAILER_CONSENT_GRACE_SECONDS": "0",
     }
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -377,6 +379,48 @@ async def test_a_confirmation_during_the_consent_check_still_releases_the_mail(
         ("sent", None)]
     assert [m["Subject"] for m in rig.sink.to(address)] == [
         "Bitte bestätigen Sie Ihre Anmeldung", "Willkommen, Anna!"]
+
+
+async def test_a_journey_mail_that_overtakes_the_consent_waits_for_it(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form that gives consent also starts the welcome journey; its mail can reach the
+    mailer before the consent does. It waits (grace period) instead of being suppressed,
+    then for the double opt-in, and goes once that is confirmed."""
+    contact_id, address = str(uuid.uuid4()), f"early.{uuid.uuid4().hex[:6]}@example.de"
+    service = rig.service
+    assert service.deps is not None
+    assert service.delivery is not None
+    monkeypatch.setattr(service.delivery, "_grace", timedelta(minutes=5))
+    consent = ConsentHandler(service.deps, service.delivery)
+    async with httpx.AsyncClient(timeout=10) as client:
+        welcome = await rig.command(to=address, contact_id=contact_id)
+        [held] = await rig.state(client, contact_id, lambda i: bool(i) and i[0]["state"] == "held")
+        assert held["reason"] == "consent_unknown"
+        await consent(consent_activity(contact_id, "form_submitted", {
+            "form_id": "ebook-download", "email": address,
+            "consents": [{"purpose": "marketing", "given": True}]}))
+        items = await rig.state(client, contact_id, lambda i: any(
+            m["command_id"] == welcome.id and m["reason"] == "consent_pending" for m in i))
+        assert [m["state"] for m in items if m["command_id"] == welcome.id] == ["held"]
+        await consent(consent_activity(contact_id, "optin_confirmed", {"purpose": "marketing"}))
+        await rig.state(client, contact_id, lambda i: any(
+            m["command_id"] == welcome.id and m["state"] == "sent" for m in i))
+    assert [m["Subject"] for m in rig.sink.to(address)] == [
+        "Bitte bestätigen Sie Ihre Anmeldung", "Willkommen, Anna!"]
+
+
+async def test_with_no_consent_by_the_end_of_the_grace_period_the_mail_is_suppressed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    contact_id, address = str(uuid.uuid4()), f"never.{uuid.uuid4().hex[:6]}@example.de"
+    assert rig.service.delivery is not None
+    monkeypatch.setattr(rig.service.delivery, "_grace", timedelta(seconds=1))
+    async with httpx.AsyncClient(timeout=10) as client:
+        await rig.command(to=address, contact_id=contact_id)
+        await rig.state(client, contact_id, lambda i: bool(i) and i[0]["state"] == "held")
+        [log] = await rig.state(client, contact_id,
+                                lambda i: bool(i) and i[0]["state"] == "suppressed")
+    assert log["reason"] == "no_consent"
+    assert rig.sink.to(address) == []
 
 
 async def test_consent_granted_by_the_crm_releases_held_mail(rig: Rig) -> None:
