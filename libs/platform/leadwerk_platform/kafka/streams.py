@@ -85,6 +85,8 @@ class _FaustOffsets(ConsumerOffsets):
 
     async def committed(self, partitions: list[Any]) -> Mapping[Any, int | None]:
         # faust has no public getter; this map is what it commits from (next offset to read).
+        # The admin client's list_consumer_group_offsets would be public, but aiokafka 0.14
+        # cannot read the embedded broker's (tansu 0.6) OffsetFetch answer to it.
         committed = self._consumer._committed_offset
         return {tp: committed.get(tp) for tp in partitions}
 
