@@ -214,6 +214,7 @@ async def latency(args: argparse.Namespace, work: Path, bootstrap: str, database
         async def send() -> None:
             visitor = str(uuid.uuid4())
             body = orjson.dumps({"anonymousId": visitor, "event": "Document Downloaded",
+                                 "properties": {"document": "whitepaper.pdf"},
                                  "context": {"userAgent": BROWSER}})
             connection = await idle.get()
             try:

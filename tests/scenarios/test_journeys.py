@@ -122,7 +122,8 @@ async def test_a_merge_moves_enrollments_to_the_survivor_without_duplicates(
         second = await known_contact(stack, client)
         for contact_id in (first, second):
             await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
-                                                "event": "Document Downloaded"})
+                                                "event": "Document Downloaded",
+                                                "properties": {"document": "whitepaper.pdf"}})
             await commands(stack, "email-commands", contact_id, 1)
         merged = await stack.api(client, "POST", f"/contacts/{first}/merge/{second}")
         assert merged.status_code == 200, merged.text
@@ -169,7 +170,8 @@ async def test_an_opened_invitation_ends_the_sequence_without_a_reminder(stack: 
     async with browser() as client:
         contact_id = await known_contact(stack, client)
         await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
-                                            "event": "Document Downloaded"})
+                                            "event": "Document Downloaded",
+                                            "properties": {"document": "whitepaper.pdf"}})
         await commands(stack, "email-commands", contact_id, 1)
         try:
             stack.clock.offset = timedelta(days=3, minutes=1)

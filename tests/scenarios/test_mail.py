@@ -5,6 +5,7 @@ unsubscribe, and the marketing mail that no longer goes out. Real SMTP (aiosmtpd
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from email.message import EmailMessage
 from typing import Any
 
@@ -40,6 +41,19 @@ async def messages(stack: Stack, client: httpx.AsyncClient,
     assert response.status_code == 200, response.text
     items: list[dict[str, Any]] = response.json()["items"]
     return items
+
+
+async def the_follow_up_comes_from(stack: Stack, address: str, sender: str) -> None:
+    """The welcome journey's follow-up, two days on (the third mail to ``address``)."""
+    try:
+        stack.clock.offset = timedelta(days=2, minutes=1)
+        assert stack.flow.timers is not None
+        stack.flow.timers.wake()
+        *_, follow_up = await mails_to(stack, address, 3)
+    finally:
+        stack.clock.offset = timedelta(0)
+    assert follow_up["Subject"] == "Noch Fragen zum E-Book, Anna?"
+    assert str(follow_up["From"]) == sender
 
 
 async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stack) -> None:
@@ -85,6 +99,9 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
             return any("email_clicked" in str(e["type"]) for e in timeline)
 
         await stack.eventually(clicked)
+        # Two days later the follow-up comes from the same rep: every automated mail does
+        # (seed documents), not only the one whose step names the owner.
+        await the_follow_up_comes_from(stack, address, str(welcome["From"]))
         # RFC 8058: the mail client POSTs to the List-Unsubscribe URL.
         unsubscribe = str(welcome["List-Unsubscribe"]).strip("<>")
         answer = await client.post(unsubscribe, content=b"List-Unsubscribe=One-Click",
@@ -100,7 +117,8 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
         await stack.eventually(withdrawn)
         # The white-paper journey still decides to write: the mailer refuses at send time.
         await stack.track(client, "track", {"anonymousId": device,
-                                            "event": "Document Downloaded"})
+                                            "event": "Document Downloaded",
+                                            "properties": {"document": "whitepaper.pdf"}})
 
         async def refused() -> dict[str, Any] | None:
             items = [m for m in await messages(stack, client, contact_id)
@@ -124,7 +142,7 @@ async def test_double_opt_in_welcome_click_and_one_click_unsubscribe(stack: Stac
         assert ("welcome-mail", "email_sent") in [(s, a) for s, a, _ in history["welcome"]]
         assert ("info-mail", "email_suppressed", "unsubscribed") in \
             history["whitepaper-sequence"]
-    assert len(await mails_to(stack, address, 2)) == 2
+    assert len(await mails_to(stack, address, 3)) == 3  # opt-in, welcome, follow-up
 
 
 async def test_journeys_name_only_templates_the_mailer_has(stack: Stack) -> None:
@@ -153,7 +171,8 @@ async def test_a_hard_bounce_reported_later_ends_the_contacts_journeys(stack: St
                                     json={"action": "granted", "source": "crm import"})
         assert consent.status_code == 201
         await stack.track(client, "track", {"userId": stack.user_ids[contact_id],
-                                            "event": "Document Downloaded"})
+                                            "event": "Document Downloaded",
+                                            "properties": {"document": "whitepaper.pdf"}})
 
         async def sent() -> dict[str, Any] | None:
             items = [m for m in await messages(stack, client, contact_id)

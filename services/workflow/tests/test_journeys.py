@@ -92,6 +92,20 @@ def test_the_shipped_journeys_are_valid() -> None:
         assert parse(document, teams=set(teams.teams))[1] == []
 
 
+def test_the_shipped_whitepaper_sequence_starts_on_white_papers_only() -> None:
+    """The pricing sheet is a buying signal for scoring, not a reason to send the white-paper
+    mails and an event invitation."""
+    shipped = dict(shipped_journeys(Path(repository_root() / "config" / "journeys")))
+    document = shipped["whitepaper.yaml"]
+    document.pop("status", None)
+    event = parsed(document).trigger.event
+    assert event is not None
+    # The stitcher's flat view of a track event: its properties under ``properties.``.
+    for document, starts in (("Whitepaper-KI.pdf", True), ("pricing-sheet.pdf", False)):
+        assert event.matches("track", "Document Downloaded",
+                             {"properties.document": document}) is starts
+
+
 def parsed(document: dict[str, Any]) -> Journey:
     result, problems = parse(document)
     assert result is not None, problems

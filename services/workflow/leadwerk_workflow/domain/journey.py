@@ -109,7 +109,12 @@ class Trigger(_Strict):
 
 
 class Sender(_Strict):
-    kind: Literal["fixed", "owner", "default"] = "default"
+    """Who a journey's mail comes from: the contact's owner unless the step says otherwise
+    (the seed documents want every automated mail from the assigned rep); the mailer falls
+    back to the workspace's sender for a contact without an owner. ``default``: always the
+    workspace's sender; ``fixed``: ``address``."""
+
+    kind: Literal["fixed", "owner", "default"] = "owner"
     address: str | None = None
 
     @model_validator(mode="after")
