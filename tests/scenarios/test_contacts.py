@@ -171,9 +171,10 @@ async def test_a_shared_device_never_merges_two_people(stack: Stack) -> None:
         assert device_now["id"] == ben_contact["id"]  # the device switched
 
 
-async def become_mql(stack: Stack, client: httpx.AsyncClient) -> dict[str, Any]:
+async def become_mql(stack: Stack, client: httpx.AsyncClient,
+                     user_id: str | None = None) -> dict[str, Any]:
     """A lead with email and company who watched four videos: 125 points, an MQL."""
-    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    user_id = user_id or f"crm-{uuid.uuid4().hex[:8]}"
     await stack.track(client, "identify", {"userId": user_id, "traits": {
         "email": email(), "company": "Müller AG"}})
     for _ in range(4):
@@ -238,25 +239,57 @@ async def test_crm_acceptance_moves_an_mql_to_sal(stack: Stack) -> None:
         await stack.eventually(accepted)
 
 
+async def crm_says(stack: Stack, client: httpx.AsyncClient, kind: str,
+                   data: dict[str, Any]) -> None:
+    """The CRM calls the bridge's signed inbound webhook (Standard Webhooks)."""
+    secret = development_secret(stack.settings.secret_key.get_secret_value(), "inbound")
+    event_id, body, sent = f"crm-{uuid.uuid4().hex}", orjson.dumps(
+        {"type": kind, "data": data}).decode(), datetime.now(UTC)
+    response = await client.post(f"{stack.bridge}/webhooks/dev/generic", content=body, headers={
+        "Content-Type": "application/json", "webhook-id": event_id,
+        "webhook-timestamp": str(int(sent.timestamp())),
+        "webhook-signature": Webhook(secret).sign(event_id, sent, body)})
+    assert response.status_code == 200, response.text
+
+
+async def test_a_lead_sales_rejects_goes_back_to_nurturing_until_it_engages_again(
+        stack: Stack) -> None:
+    """Sales says "not suitable": the lead is recycled with the reason kept, and its old
+    score does not make it an MQL again at the next page view; engagement earned since does."""
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
+    async with browser() as client:
+        mql = await become_mql(stack, client, user_id)
+        await crm_says(stack, client, "lead.rejected", {"contact_id": mql["id"],
+                                                        "reason": "kein Budget vor 2027"})
+        recycled = await wait_contact(stack, client, lambda c: c["stage"] == "recycled",
+                                      user_id=user_id)
+        await stack.track(client, "page", {"userId": user_id, "name": "Preise"})
+        await stack.track(client, "track", {"userId": user_id,
+                                            "event": "Video Playback Started"})
+        later = await wait_contact(stack, client, lambda c: c["score"] > recycled["score"],
+                                   user_id=user_id)
+        assert later["stage"] == "recycled"  # 155 points, but only 30 of them since
+        history = (await stack.api(client, "GET",
+                                   f"/contacts/{mql['id']}/score-history")).json()
+        assert {"from_stage": "mql", "to_stage": "recycled", "cause": "crm",
+                "reason": "kein Budget vor 2027"}.items() <= history["stages"][-1].items()
+        for _ in range(3):  # 90 more: 120 earned since the recycle
+            await stack.track(client, "track", {"userId": user_id,
+                                                "event": "Video Playback Started"})
+        again = await wait_contact(stack, client, lambda c: c["stage"] == "mql",
+                                   user_id=user_id)
+        assert again["score"] > later["score"]
+
+
 async def test_deal_won_and_owner_change_in_the_crm_reach_the_contact(stack: Stack) -> None:
     """The closed loop through the public interfaces: the CRM calls the bridge's signed
     webhook, the contacts API shows the customer and the new owner."""
-    secret = development_secret(stack.settings.secret_key.get_secret_value(), "inbound")
     async with browser() as client:
         mql = await become_mql(stack, client)
-        for event_id, payload in (
-                (f"deal-{uuid.uuid4().hex}", {"type": "deal.won", "data": {
-                    "contact_id": mql["id"], "crm_id": "D-4711", "value": 24000}}),
-                (f"owner-{uuid.uuid4().hex}", {"type": "owner.changed", "data": {
-                    "contact_id": mql["id"], "owner": "jonas.weber@example.de"}})):
-            body = orjson.dumps(payload).decode()
-            sent = datetime.now(UTC)
-            response = await client.post(
-                f"{stack.bridge}/webhooks/dev/generic", content=body, headers={
-                    "Content-Type": "application/json", "webhook-id": event_id,
-                    "webhook-timestamp": str(int(sent.timestamp())),
-                    "webhook-signature": Webhook(secret).sign(event_id, sent, body)})
-            assert response.status_code == 200, response.text
+        await crm_says(stack, client, "deal.won", {"contact_id": mql["id"], "crm_id": "D-4711",
+                                                   "value": 24000})
+        await crm_says(stack, client, "owner.changed", {"contact_id": mql["id"],
+                                                        "owner": "jonas.weber@example.de"})
 
         async def won() -> dict[str, Any] | None:
             body: dict[str, Any] = (await stack.api(client, "GET",

@@ -17,7 +17,14 @@ from leadwerk_scoring.adapters.identities import load_json
 from leadwerk_scoring.domain import lifecycle
 from leadwerk_scoring.domain.model import rating
 from leadwerk_scoring.runtime import Deps
-from leadwerk_scoring.scorer import CONSUMER, OUTBOX_STREAM, ScoreWriter, contact_traits, lock_score
+from leadwerk_scoring.scorer import (
+    CONSUMER,
+    OUTBOX_STREAM,
+    ScoreWriter,
+    contact_traits,
+    engagement_since_recycled,
+    lock_score,
+)
 from leadwerk_scoring.stitcher import activity_properties
 
 logger = logging.getLogger(__name__)
@@ -176,8 +183,12 @@ class Rescorer:
             if row.known:
                 traits = await contact_traits(connection, workspace, row.contact_id)
                 row.grade = model.grade(traits)
+                score = row.value_at(now, model)
+                fresh = await engagement_since_recycled(connection, writer, row, model, now) \
+                    if row.stage == "recycled" and lifecycle.qualifies(score, traits, model) \
+                    else None
                 await writer.transition(row, lifecycle.on_score(
-                    row.stage, row.value_at(now, model), traits, model), model, now, None)
+                    row.stage, score, traits, model, fresh=fresh), model, now, None)
             score = round(row.value_at(now, model), 2)
             changed = score != round(previous, 2) or \
                 rating(row.grade, model.band(score)) != previous_rating

@@ -154,6 +154,11 @@ class ScoreWriter:
                          at: datetime, cause_event_id: str | None) -> None:
         if change is None:
             return
+        if change.to_stage == "recycled" and row.engagement_at is not None:
+            # Engagement counts as earned since the recycle when it happened after it; what
+            # the score already holds happened before (a CRM's clock, or its seconds, can
+            # put the verdict before the visits that led to it).
+            at = max(at, row.engagement_at)
         row.stage = change.to_stage
         self._stages.append((row.workspace, row.contact_id, change.from_stage, change.to_stage,
                              change.cause, change.reason, cause_event_id, at))
@@ -230,6 +235,19 @@ class ScoreWriter:
                 "cause, reason, event_id, changed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 self._stages)
             self._stages = []
+
+
+async def engagement_since_recycled(connection: Any, writer: ScoreWriter, row: ScoreRow,
+                                    model: ScoringModel, at: datetime) -> float:
+    """The points a recycled contact earned after its last recycle, as they count at ``at``
+    (the explanation rows of this batch are written first, so they count too)."""
+    await writer.flush()
+    earned = await connection.fetch(
+        "SELECT points, occurred_at FROM score_history WHERE workspace = $1 "
+        "AND contact_id = $2 AND occurred_at > (SELECT max(changed_at) FROM stage_history "
+        "WHERE workspace = $1 AND contact_id = $2 AND to_stage = 'recycled')",
+        row.workspace, row.contact_id)
+    return sum(decayed(r["points"], r["occurred_at"], at, model.half_life) for r in earned)
 
 
 async def contact_traits(connection: Any, workspace: str, contact_id: str) -> dict[str, Any]:
@@ -521,8 +539,12 @@ class Scorer:
         if key not in traits:
             traits[key] = await contact_traits(connection, row.workspace, row.contact_id)
         row.grade = model.grade(traits[key])
-        await writer.transition(row, lifecycle.on_score(row.stage, row.value_at(at, model),
-                                                        traits[key], model),
+        score = row.value_at(at, model)
+        fresh = await engagement_since_recycled(connection, writer, row, model, at) \
+            if row.stage == "recycled" and lifecycle.qualifies(score, traits[key], model) \
+            else None
+        await writer.transition(row, lifecycle.on_score(row.stage, score, traits[key], model,
+                                                        fresh=fresh),
                                 model, at, event_id)
 
     async def _merge(self, connection: Any, writer: ScoreWriter, *,

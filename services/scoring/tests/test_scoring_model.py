@@ -144,6 +144,12 @@ def test_lifecycle_transitions(model: ScoringModel) -> None:
     lost = lifecycle.on_feedback("sql", "lost", "budget")
     assert lost is not None
     assert (lost.to_stage, lost.reason) == ("recycled", "budget")
+    # Recycled: back to MQL only on engagement earned since (not on the score it had).
+    assert lifecycle.on_score("recycled", 120, full, model) is None
+    assert lifecycle.on_score("recycled", 120, full, model, fresh=60) is None
+    again = lifecycle.on_score("recycled", 150, full, model, fresh=100)
+    assert again is not None
+    assert (again.from_stage, again.to_stage) == ("recycled", "mql")
     with pytest.raises(lifecycle.TransitionError):
         lifecycle.on_feedback("mql", "maybe", None)
     with pytest.raises(lifecycle.TransitionError, match="reason"):

@@ -43,20 +43,32 @@ def on_identified(stage: str) -> Transition | None:
     return Transition(stage, "lead", "identified") if stage == "visitor" else None
 
 
-def on_score(stage: str, score: float, traits: Mapping[str, Any],
-             model: ScoringModel) -> Transition | None:
+def on_score(stage: str, score: float, traits: Mapping[str, Any], model: ScoringModel, *,
+             fresh: float | None = None) -> Transition | None:
     """MQL when the score reaches the threshold with the required traits; back to lead when it
     has decayed below the lower threshold. The score reaches the threshold when it does as
     shown (two decimals, like the API and the bands): 100 points earned a second apart have
-    decayed to 99.9999 by the last event, and a lead showing 100 is an MQL."""
+    decayed to 99.9999 by the last event, and a lead showing 100 is an MQL.
+
+    A recycled contact (sales rejected it, or the deal was lost) went back to nurturing with
+    its score as it was; it becomes an MQL again only on engagement earned since:
+    ``fresh``, the points since the recycle as they count now, must reach the threshold too
+    (``None``: not known, no promotion)."""
     mql = model.lifecycle.mql
-    if stage in {"lead", "recycled"} and round(score, 2) >= mql.score_at_least and all(
-            has_trait(traits, name) for name in mql.required_traits):
+    if stage in {"lead", "recycled"} and qualifies(score, traits, model) and (
+            stage == "lead" or (fresh is not None and round(fresh, 2) >= mql.score_at_least)):
         return Transition(stage, "mql", "score")
     if stage == "mql" and score < mql.downgrade_below:
         return Transition(stage, "lead", "decay",
                           f"engagement fell below {mql.downgrade_below:g}")
     return None
+
+
+def qualifies(score: float, traits: Mapping[str, Any], model: ScoringModel) -> bool:
+    """The score as shown reaches the MQL threshold and the required traits are there."""
+    mql = model.lifecycle.mql
+    return round(score, 2) >= mql.score_at_least and all(
+        has_trait(traits, name) for name in mql.required_traits)
 
 
 def has_trait(traits: Mapping[str, Any], name: str) -> bool:
