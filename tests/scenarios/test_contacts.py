@@ -284,8 +284,12 @@ async def test_a_lead_sales_rejects_goes_back_to_nurturing_until_it_engages_agai
 async def test_deal_won_and_owner_change_in_the_crm_reach_the_contact(stack: Stack) -> None:
     """The closed loop through the public interfaces: the CRM calls the bridge's signed
     webhook, the contacts API shows the customer and the new owner."""
+    user_id = f"crm-{uuid.uuid4().hex[:8]}"
     async with browser() as client:
-        mql = await become_mql(stack, client)
+        mql = await become_mql(stack, client, user_id)
+        # Sales has the lead once the hand-off journey has given it an owner.
+        await wait_contact(stack, client, lambda c: bool(c["traits"].get("owner")),
+                           user_id=user_id)
         await crm_says(stack, client, "deal.won", {"contact_id": mql["id"], "crm_id": "D-4711",
                                                    "value": 24000})
         await crm_says(stack, client, "owner.changed", {"contact_id": mql["id"],

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from leadwerk_crm_bridge.config import Connector
 from leadwerk_crm_bridge.deliveries import Deps
 from leadwerk_crm_bridge.domain import hubspot
-from leadwerk_platform.envelope import Envelope, encode
+from leadwerk_platform.envelope import Envelope, encode, parse_timestamp
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_platform.outbox import add_to_outbox
 
@@ -88,10 +88,11 @@ async def receive(deps: Deps, workspace: str, body: bytes,
                   headers: dict[str, str]) -> dict[str, Any]:
     payload = verified(deps, body, headers)
     _, kind, data = generic(payload)
+    occurred = _stated(payload.get("occurred_at"), deps)
     event_id = headers.get("webhook-id", "")
     async with deps.pool.acquire() as connection, connection.transaction():
         envelope = await _publish(deps, connection, workspace, "webhook", event_id, kind,
-                                  data, _occurred(headers.get("webhook-timestamp"), deps))
+                                  data, occurred)
     if envelope is None:
         deps.metrics.inbound.labels("webhook", "duplicate").inc()
         return {"accepted": True, "duplicate": True}
@@ -176,6 +177,13 @@ async def _publish(deps: Deps, connection: Connection, workspace: str,  # noqa: 
     return envelope
 
 
-def _occurred(stamp: str | None, deps: Deps) -> datetime:
-    return datetime.fromtimestamp(int(stamp), UTC) if stamp and stamp.isdigit() \
-        else deps.clock()
+def _stated(stamp: Any, deps: Deps) -> datetime:
+    """When the CRM says it happened (``occurred_at``, ISO 8601), else when it arrived. Not
+    the ``webhook-timestamp``: that is the delivery attempt's, in whole seconds, and would
+    put a verdict before the activity it follows."""
+    if stamp is None:
+        return deps.clock()
+    try:
+        return parse_timestamp(str(stamp))
+    except ValueError as error:
+        raise InboundError(422, "occurred_at is an ISO 8601 timestamp") from error

@@ -443,11 +443,24 @@ async def test_a_signed_deal_won_reaches_crm_events_once(rig: Rig) -> None:
                                                  "x2", sent_at,
                                                  '{"type": "deal.maybe", "data": {}}')})
         assert unknown.status_code == 422
+        stated = (b'{"type": "owner.changed", "occurred_at": "2026-11-20T09:15:00.250Z", '
+                  b'"data": {"contact_id": "' + contact_id.encode() + b'", "owner": "x@y.de"}}')
+        bad = stated.replace(b"2026-11-20T09:15:00.250Z", b"yesterday")
+        answers = [await client.post(url, content=content, headers={
+            **headers, "webhook-id": wid, "webhook-signature": Webhook(INBOUND).sign(
+                wid, sent_at, content.decode())}) for wid, content in (("x3", stated),
+                                                                       ("x4", bad))]
+        assert [a.status_code for a in answers] == [200, 422]
     events = [e for e in values(await read_topic(
-        rig.settings.kafka_bootstrap_servers, rig.settings.topic("crm-events"), 1,
+        rig.settings.kafka_bootstrap_servers, rig.settings.topic("crm-events"), 2,
         timeout=10, idle=0.5)) if e["data"]["contact_id"] == contact_id]
-    assert [(e["type"], e["data"]["status"], e["data"]["crm_id"]) for e in events] == [
-        ("crm.lead_feedback.v1", "won", "D-17")]
+    assert [(e["type"], e["data"].get("status"), e["data"]["crm_id"]) for e in events] == [
+        ("crm.lead_feedback.v1", "won", "D-17"), ("crm.contact_updated.v1", None, None)]
+    # When it happened: what the CRM states, else when it arrived (not the signature's
+    # whole second, which can put a verdict before the activity it answers).
+    assert events[1]["occurred_at"] == "2026-11-20T09:15:00.250Z"
+    won_at = datetime.fromisoformat(events[0]["occurred_at"].replace("Z", "+00:00"))
+    assert won_at >= sent_at.replace(microsecond=sent_at.microsecond // 1000 * 1000)
 
 
 async def _state(rig: Rig, client: httpx.AsyncClient, contact_id: str, state: str, *,
