@@ -106,6 +106,44 @@ async def test_a_segment_trigger_enters_contacts_whose_traits_come_to_match(
         await enrollment(stack, client, outside, "machine-builders")
 
 
+async def test_a_segment_journey_activated_later_enters_the_contacts_already_in_it(
+        stack: Stack) -> None:
+    """A marketer's segment reaches its existing audience, not only contacts that come to
+    match after the journey is switched on."""
+    async with browser() as client:
+        members = [await known_contact(stack, client, industry="Anlagenbau")
+                   for _ in range(2)]
+        other = await known_contact(stack, client, industry="Handel")
+        assert stack.flow.deps is not None
+        pool = stack.flow.deps.pool
+
+        async def projected() -> bool:  # the workflow has seen all three
+            known = await pool.fetchval(
+                "SELECT count(*) FROM contact_state WHERE contact_id = ANY($1::uuid[]) "
+                "AND traits ? 'industry'", [*members, other])
+            return bool(known == 3)
+
+        await stack.eventually(projected)
+        journey = {"name": "Plant builders", "trigger": {"segment": {
+            "industry": "Anlagenbau", "email": {"exists": True}}},
+            "start": "tag", "steps": {"tag": {"type": "tag", "add": ["anlagenbau"],
+                                              "next": "end"}, "end": {"type": "end"}}}
+        base = f"{stack.workflow}/api/journeys/plant-builders"
+        assert (await client.put(base, json=journey, headers=stack.admin)).status_code == 201
+        assert (await client.post(f"{base}/activate", headers=stack.admin)).status_code == 200
+        for member in members:
+            entered = await enrollment(stack, client, member, "plant-builders")
+            assert "industry='Anlagenbau'" in entered["history"][0]["reason"]
+        assert [e for e in await journeys_of(stack, client, other)
+                if e["journey_id"] == "plant-builders"] == []
+        # Activated again (a new version): nobody enters twice (re-entry: never).
+        assert (await client.put(base, json=journey, headers=stack.admin)).status_code == 201
+        await asyncio.sleep(1.5)
+        for member in members:
+            assert len([e for e in await journeys_of(stack, client, member)
+                        if e["journey_id"] == "plant-builders"]) == 1
+
+
 async def test_contacts_inside_an_old_version_move_by_an_explicit_rule(stack: Stack) -> None:
     v1 = {"name": "Nurture", "trigger": {"manual": True}, "start": "a", "steps": {
         "a": {"type": "wait", "duration": "1d", "next": "mail"},

@@ -108,8 +108,8 @@ class Workflow:
 
     async def arm(self, connection: asyncpg.Connection, workspace: str,
                   journey_id: str) -> int:
-        """A journey just became active: arm its date or silence trigger for the contacts
-        already known. Returns how many timers were set."""
+        """A journey just became active: arm its date, silence or segment trigger for the
+        contacts already known. Returns how many timers were set."""
         assert self.triggers is not None  # noqa: S101 - set in start
         version = await connection.fetchval(
             "SELECT active_version FROM journey_status WHERE workspace = $1 AND journey_id = $2 "
@@ -117,7 +117,7 @@ class Workflow:
         if version is None:
             return 0
         journey = await self.journeys.version(connection, workspace, journey_id, version)
-        if not journey.trigger.timed:
+        if not journey.trigger.armed_at_activation:
             return 0
         armed = await self.triggers.arm_all(connection, workspace, journey)
         if self.timers is not None:

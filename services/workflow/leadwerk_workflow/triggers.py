@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from leadwerk_platform.conditions import all_hold, parse_period
+from leadwerk_platform.conditions import Condition, all_hold, parse_period
 from leadwerk_platform.kafka.producer import OutgoingMessage
 from leadwerk_workflow.domain.calendar import date_value, zone
 from leadwerk_workflow.domain.engine import ContactState
@@ -72,8 +72,7 @@ class Triggers:
                 reason = f"score reached {after.score:g}"
             elif trigger.segment is not None and all_hold(trigger.segment, after.values()) \
                     and not all_hold(trigger.segment, before.values()):
-                reason = "segment: " + ", ".join(f"{k}={after.values().get(k)!r}"
-                                                 for k in trigger.segment)
+                reason = _segment_reason(trigger.segment, after)
             elif trigger.date is not None:
                 name = trigger.date.trait
                 if after.traits.get(name) != before.traits.get(name):
@@ -123,7 +122,32 @@ class Triggers:
                                            f"{contact.traits.get(trigger.date.trait)}")
                     armed += 1
             return armed
+        if trigger.segment is not None:
+            return await self._arm_members(connection, workspace, journey, trigger.segment)
         return 0
+
+    async def _arm_members(self, connection: Connection, workspace: str, journey: Journey,
+                           segment: dict[str, Condition]) -> int:
+        """A timer due now for each contact in the segment already (re-entry rules apply when
+        it fires); contacts are read in pages, not all at once."""
+        armed, after = 0, "00000000-0000-0000-0000-000000000000"
+        while True:
+            rows = await connection.fetch(
+                "SELECT contact_id::text AS contact_id, traits, score, grade, rating, stage "
+                "FROM contact_state WHERE workspace = $1 AND contact_id > $2::uuid "
+                "ORDER BY contact_id LIMIT 1000", workspace, after)
+            if not rows:
+                return armed
+            after = rows[-1]["contact_id"]
+            members = [contact for row in rows for contact in [ContactState(
+                row["contact_id"], _traits(row["traits"]), row["score"], row["grade"],
+                row["rating"], row["stage"])] if all_hold(segment, contact.values())]
+            await connection.executemany(
+                "INSERT INTO trigger_timers (workspace, journey_id, contact_id, due_at, reason) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace, journey_id, contact_id) "
+                "DO NOTHING", [(workspace, journey.id, c.contact_id, self._engine.now(),
+                                _segment_reason(segment, c)) for c in members])
+            armed += len(members)
 
     async def fire_due(self, connection: Connection, now: datetime, limit: int,
                        outgoing: list[OutgoingMessage]) -> int:
@@ -136,7 +160,7 @@ class Triggers:
         for row in rows:
             journeys = await self._engine.journeys.active(connection, row["workspace"])
             journey = next((j for j in journeys if j.id == row["journey_id"]
-                            and j.trigger.timed), None)
+                            and j.trigger.armed_at_activation), None)
             if journey is None:
                 continue  # paused or changed since the timer was armed
             if now - row["due_at"] > parse_period(journey.settings.stale_after):
@@ -164,6 +188,11 @@ class Triggers:
         await connection.execute(
             "DELETE FROM trigger_timers WHERE workspace = $1 AND journey_id = $2 "
             "AND contact_id = $3", workspace, journey.id, contact_id)
+
+
+def _segment_reason(segment: dict[str, Condition], contact: ContactState) -> str:
+    values = contact.values()
+    return "segment: " + ", ".join(f"{k}={values.get(k)!r}" for k in segment)
 
 
 def _traits(value: Any) -> dict[str, Any]:

@@ -101,9 +101,9 @@ def test_the_shipped_whitepaper_sequence_starts_on_white_papers_only() -> None:
     event = parsed(document).trigger.event
     assert event is not None
     # The stitcher's flat view of a track event: its properties under ``properties.``.
-    for document, starts in (("Whitepaper-KI.pdf", True), ("pricing-sheet.pdf", False)):
+    for file, starts in (("Whitepaper-KI.pdf", True), ("pricing-sheet.pdf", False)):
         assert event.matches("track", "Document Downloaded",
-                             {"properties.document": document}) is starts
+                             {"properties.document": file}) is starts
 
 
 def parsed(document: dict[str, Any]) -> Journey:

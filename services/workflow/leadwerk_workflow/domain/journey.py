@@ -107,6 +107,13 @@ class Trigger(_Strict):
         """Date and silence triggers fire from durable timers, not from a message."""
         return self.date is not None or self.inactive_for is not None
 
+    @property
+    def armed_at_activation(self) -> bool:
+        """Triggers that timers fire for the contacts already known when the journey becomes
+        active: date and silence, and a segment's current members (they will not come to
+        match: they match already)."""
+        return self.timed or self.segment is not None
+
 
 class Sender(_Strict):
     """Who a journey's mail comes from: the contact's owner unless the step says otherwise
