@@ -201,15 +201,9 @@ class Story:
 
     async def crm_says(self, kind: str, data: dict[str, Any]) -> None:
         """The CRM calls Leadwerk's signed inbound webhook (Standard Webhooks)."""
-        event_id = f"crm-{uuid.uuid4().hex}"
-        body = orjson.dumps({"type": kind, "data": data}).decode()
-        sent = datetime.now(UTC)
-        response = await self.client.post(
-            f"{self.platform.bridge}/webhooks/dev/generic", content=body, headers={
-                "Content-Type": "application/json", "webhook-id": event_id,
-                "webhook-timestamp": str(int(sent.timestamp())),
-                "webhook-signature": Webhook(self.platform.inbound_secret).sign(
-                    event_id, sent, body)})
+        body, headers = signed_crm_event(self.platform.inbound_secret, kind, data)
+        response = await self.client.post(f"{self.platform.bridge}/webhooks/dev/generic",
+                                          content=body, headers=headers)
         if response.status_code != 200:
             raise StoryError(f"the bridge refused {kind}: {response.status_code} "
                              f"{response.text}")
@@ -332,6 +326,17 @@ class Story:
         await self.comes_back_and_watches_the_demo()
         await self.sales_is_notified_and_gets_the_handoff()
         return await self.sales_accepts_and_wins()
+
+
+def signed_crm_event(secret: str, kind: str, data: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """The body and headers of a CRM event for the bridge's generic inbound webhook, signed
+    as Standard Webhooks with ``secret``."""
+    event_id = f"crm-{uuid.uuid4().hex}"
+    body = orjson.dumps({"type": kind, "data": data}).decode()
+    sent = datetime.now(UTC)
+    return body, {"Content-Type": "application/json", "webhook-id": event_id,
+                  "webhook-timestamp": str(int(sent.timestamp())),
+                  "webhook-signature": Webhook(secret).sign(event_id, sent, body)}
 
 
 def _link(message: EmailMessage, marker: str) -> str:

@@ -9,10 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import orjson
 from aiokafka import AIOKafkaProducer
-from standardwebhooks.webhooks import Webhook
 
+from demo.story import signed_crm_event
 from leadwerk_crm_bridge.domain.outbound import development_secret
 from leadwerk_platform.envelope import Envelope, encode
 from leadwerk_platform.registry import ContractRegistry
@@ -242,13 +241,10 @@ async def test_crm_acceptance_moves_an_mql_to_sal(stack: Stack) -> None:
 async def crm_says(stack: Stack, client: httpx.AsyncClient, kind: str,
                    data: dict[str, Any]) -> None:
     """The CRM calls the bridge's signed inbound webhook (Standard Webhooks)."""
-    secret = development_secret(stack.settings.secret_key.get_secret_value(), "inbound")
-    event_id, body, sent = f"crm-{uuid.uuid4().hex}", orjson.dumps(
-        {"type": kind, "data": data}).decode(), datetime.now(UTC)
-    response = await client.post(f"{stack.bridge}/webhooks/dev/generic", content=body, headers={
-        "Content-Type": "application/json", "webhook-id": event_id,
-        "webhook-timestamp": str(int(sent.timestamp())),
-        "webhook-signature": Webhook(secret).sign(event_id, sent, body)})
+    body, headers = signed_crm_event(
+        development_secret(stack.settings.secret_key.get_secret_value(), "inbound"), kind, data)
+    response = await client.post(f"{stack.bridge}/webhooks/dev/generic", content=body,
+                                 headers=headers)
     assert response.status_code == 200, response.text
 
 

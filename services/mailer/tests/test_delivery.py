@@ -295,13 +295,9 @@ async def test_double_opt_in_holds_marketing_until_confirmed(rig: Rig) -> None:
     """Consent from a form (as scoring publishes it on contact-events): the confirmation mail
     goes out at once, marketing waits until the confirmation arrives, then it is sent."""
     contact_id, address = str(uuid.uuid4()), f"doi.{uuid.uuid4().hex[:6]}@example.de"
-    now = datetime.now(UTC)
 
     def activity(kind: str, properties: dict[str, Any]) -> Envelope:
-        return Envelope(id=str(uuid.uuid4()), type="contact.activity.v1", workspace="dev",
-                        occurred_at=now, received_at=now, producer="scoring",
-                        data={"contact_id": contact_id, "known": True, "kind": kind,
-                              "name": None, "session": None, "properties": properties})
+        return consent_activity(contact_id, kind, properties).envelope
 
     async with httpx.AsyncClient(timeout=10) as client:
         await rig.publish("contact-events", activity("form_submitted", {

@@ -14,7 +14,6 @@ from asyncpg.exceptions import DeadlockDetectedError
 from leadwerk_platform.envelope import Envelope
 from leadwerk_platform.outbox import OutboxRelay, add_to_outbox
 from leadwerk_scoring.adapters.identities import load_json
-from leadwerk_scoring.domain import lifecycle
 from leadwerk_scoring.domain.model import rating
 from leadwerk_scoring.runtime import Deps
 from leadwerk_scoring.scorer import (
@@ -22,8 +21,8 @@ from leadwerk_scoring.scorer import (
     OUTBOX_STREAM,
     ScoreWriter,
     contact_traits,
-    engagement_since_recycled,
     lock_score,
+    qualify_by_score,
 )
 from leadwerk_scoring.stitcher import activity_properties
 
@@ -183,12 +182,8 @@ class Rescorer:
             if row.known:
                 traits = await contact_traits(connection, workspace, row.contact_id)
                 row.grade = model.grade(traits)
-                score = row.value_at(now, model)
-                fresh = await engagement_since_recycled(connection, writer, row, model, now) \
-                    if row.stage == "recycled" and lifecycle.qualifies(score, traits, model) \
-                    else None
-                await writer.transition(row, lifecycle.on_score(
-                    row.stage, score, traits, model, fresh=fresh), model, now, None)
+                await qualify_by_score(connection, writer, row, model, traits=traits, at=now,
+                                       cause_event_id=None)
             score = round(row.value_at(now, model), 2)
             changed = score != round(previous, 2) or \
                 rating(row.grade, model.band(score)) != previous_rating

@@ -237,6 +237,18 @@ class ScoreWriter:
             self._stages = []
 
 
+async def qualify_by_score(connection: Any, writer: ScoreWriter, row: ScoreRow,
+                           model: ScoringModel, *, traits: dict[str, Any], at: datetime,
+                           cause_event_id: str | None) -> None:
+    """The score-driven stage change (MQL, or back to lead), if any; a recycled contact's
+    points earned since the recycle are read only when its score would qualify."""
+    score = row.value_at(at, model)
+    fresh = await engagement_since_recycled(connection, writer, row, model, at) \
+        if row.stage == "recycled" and lifecycle.qualifies(score, traits, model) else None
+    await writer.transition(row, lifecycle.on_score(row.stage, score, traits, model,
+                                                    fresh=fresh), model, at, cause_event_id)
+
+
 async def engagement_since_recycled(connection: Any, writer: ScoreWriter, row: ScoreRow,
                                     model: ScoringModel, at: datetime) -> float:
     """The points a recycled contact earned after its last recycle, as they count at ``at``
@@ -539,13 +551,8 @@ class Scorer:
         if key not in traits:
             traits[key] = await contact_traits(connection, row.workspace, row.contact_id)
         row.grade = model.grade(traits[key])
-        score = row.value_at(at, model)
-        fresh = await engagement_since_recycled(connection, writer, row, model, at) \
-            if row.stage == "recycled" and lifecycle.qualifies(score, traits[key], model) \
-            else None
-        await writer.transition(row, lifecycle.on_score(row.stage, score, traits[key], model,
-                                                        fresh=fresh),
-                                model, at, event_id)
+        await qualify_by_score(connection, writer, row, model, traits=traits[key], at=at,
+                               cause_event_id=event_id)
 
     async def _merge(self, connection: Any, writer: ScoreWriter, *,
                      rows: dict[tuple[str, str], ScoreRow], row: ScoreRow,

@@ -130,7 +130,7 @@ class Triggers:
                            segment: dict[str, Condition]) -> int:
         """A timer due now for each contact in the segment already (re-entry rules apply when
         it fires); contacts are read in pages, not all at once."""
-        armed, after = 0, "00000000-0000-0000-0000-000000000000"
+        armed, after, now = 0, "00000000-0000-0000-0000-000000000000", self._engine.now()
         while True:
             rows = await connection.fetch(
                 "SELECT contact_id::text AS contact_id, traits, score, grade, rating, stage "
@@ -145,7 +145,7 @@ class Triggers:
             await connection.executemany(
                 "INSERT INTO trigger_timers (workspace, journey_id, contact_id, due_at, reason) "
                 "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (workspace, journey_id, contact_id) "
-                "DO NOTHING", [(workspace, journey.id, c.contact_id, self._engine.now(),
+                "DO NOTHING", [(workspace, journey.id, c.contact_id, now,
                                 _segment_reason(segment, c)) for c in members])
             armed += len(members)
 
